@@ -1,0 +1,632 @@
+"""QR-IMPALA: IMPALA actor-critic with a quantile (distributional) critic and no meta-learning.
+
+The "QR" baseline of Distributional Meta-Gradient RL (Yin, Yan, Xu, ICLR 2023; ../shared/papers/000), i.e. DrMG({}):
+the critic learns N quantiles of the return (eq. 1-3) towards the distributional lambda-return with v-trace (eq. 9-10),
+the actor follows the quantile-averaged advantage (eq. 11). Actors and learner run as in IMPALA / Cleanba: actor threads
+step EnvPool, the learner trains on its own device(s), and the actor always acts one update behind the learner.
+
+    python qr_impala.py --env-id Breakout-v5
+    python qr_impala.py --env-id CartPole-v1 --total-timesteps 150000
+"""
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import List, NamedTuple, Optional, Sequence
+
+# Actors and the learner share the accelerator with EnvPool; do not let XLA take all of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+
+import envpool
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    save_model: bool = False
+    """whether to save the model (params and args) to `runs/{run_name}` and evaluate it at the end"""
+    save_every: int = 0
+    """also save the model every this many learner updates (0: only at the end)"""
+    eval_episodes: int = 10
+    """number of episodes of the evaluation of the saved model"""
+    log_frequency: int = 10
+    """print progress and log losses every this many learner updates"""
+
+    # Environment
+    env_id: str = "Breakout-v5"
+    """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`) or a JAX environment module"""
+    max_episode_steps: int = 27000
+    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, paper 000 §5.2)"""
+    noop_max: int = 30
+    """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
+    envpool_threads: int = 0
+    """EnvPool worker threads per actor thread (0: EnvPool's default)"""
+
+    # Algorithm
+    total_timesteps: int = 50_000_000
+    """total agent steps (200M frames at action repeat 4)"""
+    learning_rate: float = 6e-4
+    """RMSProp learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    local_num_envs: int = 64
+    """environments per actor thread"""
+    num_actor_threads: int = 2
+    """actor threads per actor device"""
+    num_steps: int = 20
+    """unroll length of a rollout"""
+    num_quantiles: int = 32
+    """N, the number of quantiles of the critic (paper: not given; our choice)"""
+    gamma: float = 0.99
+    """discount factor, the same for every quantile"""
+    lambda_: float = 1.0
+    """trace-bootstrapping lambda of the return, the same for every quantile (1: plain v-trace)"""
+    alpha: float = 1.0
+    """leaky v-trace mixing alpha (1: plain v-trace)"""
+    rho_bar: float = 1.0
+    """v-trace clipping threshold of the importance ratios on the TD errors"""
+    c_bar: float = 1.0
+    """v-trace clipping threshold of the importance ratios on the traces"""
+    pg_rho_bar: float = 1.0
+    """clipping threshold of the importance ratio of the policy gradient (c-bar of eq. 11)"""
+    huber_kappa: float = 1.0
+    """kappa of the quantile Huber loss (eq. 2)"""
+    value_coef: float = 0.5
+    """w_Z, weight of the quantile value loss (of each quantile; the loss averages over quantiles)"""
+    policy_coef: float = 1.0
+    """w_pi, weight of the policy-gradient loss"""
+    ent_coef: float = 0.01
+    """w_H, weight of the entropy bonus"""
+    max_grad_norm: float = 40.0
+    """the maximum norm of the gradient"""
+    rmsprop_eps: float = 0.01
+    """epsilon of RMSProp (inside the square root)"""
+    rmsprop_decay: float = 0.99
+    """decay of RMSProp"""
+
+    # Devices
+    actor_device_ids: List[int] = field(default_factory=lambda: [0])
+    """the (local) device ids that actor threads use"""
+    learner_device_ids: List[int] = field(default_factory=lambda: [0])
+    """the (local) device ids that the learner shards its batch across"""
+    distributed: bool = False
+    """initialise `jax.distributed` to train with several processes or hosts"""
+
+    # to be filled in runtime
+    local_batch_size: int = 0
+    """the learner batch on this process (envs x steps)"""
+    batch_size: int = 0
+    """the learner batch over all processes (envs x steps)"""
+    num_updates: int = 0
+    """the number of learner updates"""
+    world_size: int = 0
+    """the number of processes"""
+
+
+def make_env(env_id: str, seed: int, num_envs: int, args: Args):
+    """EnvPool with the DrMG Atari setting (paper 000 §5.2); JAX environments (`snake_jax`, ...) by module name."""
+
+    def thunk():
+        if env_id.endswith("_jax"):
+            return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
+        kwargs = {}
+        if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
+            kwargs = dict(
+                episodic_life=False,
+                reward_clip=False,  # the learner clips; the game score is logged unclipped
+                repeat_action_probability=0.0,
+                noop_max=args.noop_max,
+                max_episode_steps=args.max_episode_steps,
+                stack_num=4,
+                img_height=84,
+                img_width=84,
+                gray_scale=True,
+                frame_skip=4,
+            )
+        return envpool.make(
+            env_id, env_type="gym", num_envs=num_envs, batch_size=num_envs, num_threads=args.envpool_threads, seed=seed, **kwargs
+        )
+
+    return thunk
+
+
+def check_args(args: Args):
+    """Fail before anything is written, with a message that says what to change."""
+    if not args.env_id.endswith("_jax") and args.env_id not in envpool.list_all_envs():
+        close = difflib.get_close_matches(args.env_id, envpool.list_all_envs(), n=5)
+        raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool ids close to it: {close}")
+    if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
+        raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
+    if (args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)) % (2 * len(args.learner_device_ids)):
+        raise SystemExit("envs per process must split into two equal halves on every learner device")
+    if min(args.num_quantiles, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
+        raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
+        raise SystemExit("--gamma, --lambda and --alpha must lie in [0, 1]")
+
+
+class ResidualBlock(nn.Module):
+    channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        inputs = x
+        x = nn.relu(x)
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        return x + inputs
+
+
+class ConvSequence(nn.Module):
+    channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+        x = ResidualBlock(self.channels)(x)
+        return ResidualBlock(self.channels)(x)
+
+
+class Torso(nn.Module):
+    """IMPALA's deep ResNet for image observations (C, H, W); a two-layer MLP for vector observations."""
+
+    @nn.compact
+    def __call__(self, x):
+        if x.dtype == jnp.uint8:
+            x = x.astype(jnp.float32) / 255.0
+        if x.ndim == 4:
+            x = jnp.transpose(x, (0, 2, 3, 1))
+            for channels in (16, 32, 32):
+                x = ConvSequence(channels)(x)
+            x = nn.relu(x).reshape((x.shape[0], -1))
+            return nn.relu(nn.Dense(256)(x))
+        x = nn.relu(nn.Dense(256)(x))
+        return nn.relu(nn.Dense(256)(x))
+
+
+class AgentNetwork(nn.Module):
+    """Policy logits and the N quantile values Z_theta(s) of the return."""
+
+    num_actions: int
+    num_quantiles: int
+
+    @nn.compact
+    def __call__(self, obs):
+        hidden = Torso()(obs)
+        logits = nn.Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01))(hidden)
+        quantiles = nn.Dense(self.num_quantiles, kernel_init=nn.initializers.orthogonal(1.0))(hidden)
+        return logits, quantiles
+
+
+class Rollout(NamedTuple):
+    """Time-major unroll of T steps; `obs` has T + 1 entries, the last one for bootstrapping."""
+
+    obs: jnp.ndarray  # [T + 1, B, ...]
+    actions: jnp.ndarray  # [T, B]
+    behaviour_logits: jnp.ndarray  # [T, B, A]
+    rewards: jnp.ndarray  # [T, B], unclipped
+    terminations: jnp.ndarray  # [T, B], the episode terminated at this step
+    truncations: jnp.ndarray  # [T, B], the episode was cut by the time limit at this step
+    resets: jnp.ndarray  # [T, B], EnvPool reset the env at this step: no real transition, the action was ignored
+
+
+def quantile_midpoints(num_quantiles: int) -> jnp.ndarray:
+    """tau_i = (2i - 1) / 2N, i = 1..N."""
+    return (2 * jnp.arange(num_quantiles) + 1) / (2.0 * num_quantiles)
+
+
+def quantile_huber_loss(quantiles, targets, kappa: float = 1.0):
+    """Quantile Huber loss of each source quantile (eq. 1-3), averaged over the target atoms.
+
+    quantiles: [..., N] predictions Z_i at midpoints tau_i; targets: [..., M] target atoms (stop their gradient
+    outside). Returns [..., N]: mean_j |tau_i - 1{u < 0}| Huber_kappa(u) with u = target_j - Z_i.
+    """
+    taus = quantile_midpoints(quantiles.shape[-1])
+    u = targets[..., None, :] - quantiles[..., :, None]  # [..., N, M]
+    abs_u = jnp.abs(u)
+    huber = jnp.where(abs_u <= kappa, 0.5 * u**2, kappa * (abs_u - 0.5 * kappa))  # eq. 2
+    weight = jnp.abs(taus[:, None] - jax.lax.stop_gradient((u < 0).astype(u.dtype)))  # eq. 3
+    return jnp.mean(weight * huber, axis=-1)
+
+
+def distributional_vtrace(
+    quantiles,
+    bootstrap_quantiles,
+    rewards,
+    discounts,
+    trace_masks,
+    log_rhos,
+    gamma,
+    lambda_,
+    alpha,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    pg_rho_bar: float = 1.0,
+):
+    """Distributional lambda-return with (leaky) v-trace, each quantile column on its own (eq. 9-10), and A_Z (eq. 11).
+
+    quantiles Z(S_t): [T, B, N]; bootstrap_quantiles Z(S_T): [B, N]; rewards, discounts (0 where the episode ends by
+    termination at t, else 1), trace_masks (0 where the traces must stop at t: a truncation; else 1), log_rhos
+    log pi/mu: [T, B]; gamma, lambda_: [N] per quantile; alpha: scalar. Quantile q bootstraps from quantile q.
+    Values and importance ratios are stop-gradiented; gamma, lambda_ and alpha stay differentiable.
+    Returns (Gamma [T, B, N], A_Z [T, B]).
+    """
+    quantiles, bootstrap_quantiles = jax.lax.stop_gradient((quantiles, bootstrap_quantiles))
+    rhos = jnp.exp(jax.lax.stop_gradient(log_rhos))[..., None]
+    # Leaky v-trace (Zahavy et al. 2020) mixes clipped and unclipped ratios; alpha = 1 is IMPALA's v-trace.
+    clipped_rhos = alpha * jnp.minimum(rho_bar, rhos) + (1 - alpha) * rhos
+    cs = lambda_ * trace_masks[..., None] * (alpha * jnp.minimum(c_bar, rhos) + (1 - alpha) * rhos)
+    gammas = gamma * discounts[..., None]  # [T, B, N]
+    next_quantiles = jnp.concatenate([quantiles[1:], bootstrap_quantiles[None]], axis=0)
+    # The paper typesets eq. 10 with c in front of delta; as IMPALA, rho weighs delta and lambda * c the traces.
+    deltas = clipped_rhos * (rewards[..., None] + gammas * next_quantiles - quantiles)
+
+    def backward(acc, xs):
+        delta, gamma_t, c_t = xs
+        acc = delta + gamma_t * c_t * acc
+        return acc, acc
+
+    _, corrections = jax.lax.scan(backward, jnp.zeros_like(bootstrap_quantiles), (deltas, gammas, cs), reverse=True)
+    returns = quantiles + corrections  # eq. 10
+    # Eq. 9, first line: Gamma_t = r_t + gamma [(1 - lambda) Z(S_t+1) + lambda Gamma_t+1]; at the end of the unroll
+    # and where traces stop, bootstrap from Z(S_t+1) alone.
+    lambdas = lambda_ * trace_masks[..., None]
+    next_returns = jnp.concatenate([returns[1:], bootstrap_quantiles[None]], axis=0)
+    q_estimates = rewards[..., None] + gammas * ((1 - lambdas) * next_quantiles + lambdas * next_returns)
+    pg_advantages = jnp.minimum(pg_rho_bar, rhos[..., 0]) * jnp.mean(q_estimates - quantiles, axis=-1)  # A_Z, eq. 11
+    return returns, pg_advantages
+
+
+def split_halves(rollout: Rollout):
+    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (paper 000 §5.2)."""
+    half = rollout.actions.shape[1] // 2
+    return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
+
+
+def impala_loss(params, apply_fn, rollout: Rollout, args: Args):
+    """L = w_pi L_pi + w_H L_H + w_Z L_Z on one batch (eq. 11)."""
+    num_steps, num_envs = rollout.actions.shape
+    logits, quantiles = apply_fn(params, rollout.obs.reshape((-1,) + rollout.obs.shape[2:]))
+    logits = logits.reshape(num_steps + 1, num_envs, -1)[:-1]
+    quantiles = quantiles.reshape(num_steps + 1, num_envs, -1)
+    log_pi = jax.nn.log_softmax(logits)
+    log_pi_a = jnp.take_along_axis(log_pi, rollout.actions[..., None], axis=-1)[..., 0]
+    log_mu_a = jnp.take_along_axis(jax.nn.log_softmax(rollout.behaviour_logits), rollout.actions[..., None], axis=-1)[..., 0]
+    # A reset step is no transition: it must not bootstrap into the new episode nor enter the losses.
+    valid = 1.0 - rollout.resets
+    discounts = (1.0 - rollout.terminations) * valid
+    trace_masks = 1.0 - rollout.truncations
+    gamma = jnp.full((args.num_quantiles,), args.gamma)
+    lambda_ = jnp.full((args.num_quantiles,), args.lambda_)
+    returns, pg_advantages = distributional_vtrace(
+        quantiles[:-1],
+        quantiles[-1],
+        jnp.clip(rollout.rewards, -1.0, 1.0),  # reward clipping for learning (§5.2)
+        discounts,
+        trace_masks,
+        log_pi_a - log_mu_a,
+        gamma,
+        lambda_,
+        args.alpha,
+        args.rho_bar,
+        args.c_bar,
+        args.pg_rho_bar,
+    )
+    # Means over all T x B entries (reset steps count as zeros) keep the loss additive across devices and halves.
+    w_z = jnp.full((args.num_quantiles,), args.value_coef)
+    value_loss = jnp.mean(valid * jnp.mean(w_z * quantile_huber_loss(quantiles[:-1], returns, args.huber_kappa), -1))
+    policy_loss = -jnp.mean(valid * jax.lax.stop_gradient(pg_advantages) * log_pi_a)
+    entropy = jnp.mean(valid * -jnp.sum(jax.nn.softmax(logits) * log_pi, axis=-1))
+    loss = args.policy_coef * policy_loss - args.ent_coef * entropy + value_loss  # eq. 11, L_H as an entropy bonus
+    return loss, dict(loss=loss, value_loss=value_loss, policy_loss=policy_loss, entropy=entropy)
+
+
+def learner_step(agent_state: TrainState, rollout: Rollout, args: Args, axis_name: Optional[str] = "learner"):
+    """One gradient step from the two halves of this device's batch, gradients averaged over learner devices."""
+    grads, metrics = None, []
+    for half in split_halves(rollout):
+        half_grads, half_metrics = jax.grad(impala_loss, has_aux=True)(agent_state.params, agent_state.apply_fn, half, args)
+        grads = half_grads if grads is None else jax.tree.map(jnp.add, grads, half_grads)
+        metrics.append(half_metrics)
+    grads = jax.tree.map(lambda g: g / 2.0, grads)
+    metrics = jax.tree.map(lambda a, b: (a + b) / 2.0, *metrics)
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return agent_state.apply_gradients(grads=grads), metrics
+
+
+def make_learner_step(args: Args, mesh: Mesh):
+    """Jit `learner_step`, the batch sharded along envs over the learner devices and the train state replicated."""
+    sharded = jax.shard_map(
+        partial(learner_step, args=args), mesh=mesh, in_specs=(P(), P(None, "learner")), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(sharded)
+
+
+class SummaryWriter:
+    """TensorBoard scalars and text through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
+
+    def __init__(self, log_dir: str):
+        self.writer = EventFileWriter(log_dir)
+        self.lock = threading.Lock()
+
+    def add_scalar(self, tag: str, value, step: int):
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+        with self.lock:
+            self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def add_text(self, tag: str, text: str, step: int = 0):
+        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
+        )
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
+        with self.lock:
+            self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def close(self):
+        self.writer.close()
+
+
+def save_model(path: str, args: Args, params):
+    """Write params and args atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "wb") as f:
+        f.write(flax.serialization.to_bytes({"args": json.dumps(asdict(args)), "params": jax.device_get(params)}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def load_model(path: str):
+    """Return (args, params) written by `save_model`."""
+    with open(path, "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    return Args(**json.loads(saved["args"])), saved["params"]
+
+
+def evaluate(model_path: str, eval_episodes: int, seed: int = 0, greedy: bool = False):
+    """Run the saved policy for `eval_episodes` episodes, one env each; return their unclipped returns."""
+    args, params = load_model(model_path)
+    envs = make_env(args.env_id, seed, eval_episodes, args)()
+    network = AgentNetwork(envs.action_space.n, args.num_quantiles)
+    act = jax.jit(lambda p, o, k: jax.random.categorical(k, network.apply(p, o)[0]))
+    act_greedy = jax.jit(lambda p, o: jnp.argmax(network.apply(p, o)[0], axis=-1))
+    key = jax.random.PRNGKey(seed)
+    obs, _ = envs.reset()
+    returns, episodic_returns = np.zeros(eval_episodes), np.full(eval_episodes, np.nan)
+    while np.isnan(episodic_returns).any():
+        key, subkey = jax.random.split(key)
+        actions = act_greedy(params, obs) if greedy else act(params, obs, subkey)
+        obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions))
+        returns += reward
+        done = (terminated | truncated) & np.isnan(episodic_returns)
+        episodic_returns[done] = returns[done]
+    return episodic_returns
+
+
+def rollout(
+    key: jax.random.PRNGKey,
+    args: Args,
+    rollout_queue: queue.Queue,
+    params_queue: queue.Queue,
+    writer: SummaryWriter,
+    learner_devices: Sequence[jax.Device],
+    device_thread_id: int,
+    actor_device: jax.Device,
+):
+    """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`."""
+    envs = make_env(
+        args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args
+    )()
+    network = AgentNetwork(envs.action_space.n, args.num_quantiles)
+    num_envs = args.local_num_envs
+
+    @jax.jit
+    def get_action(params, obs, key):
+        logits, _ = network.apply(params, obs)
+        key, subkey = jax.random.split(key)
+        return jax.random.categorical(subkey, logits), logits, key
+
+    episode_returns, returned_episode_returns = np.zeros(num_envs), deque(maxlen=100)
+    obs, _ = envs.reset()
+    reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
+    global_step = 0
+    for update in range(1, args.num_updates + 1):
+        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule):
+        # rollouts 1 and 2 use the initial params; the learner computes update k - 1 while rollout k runs.
+        if update != 2:
+            params = params_queue.get()
+        storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
+        finished_returns, finished_lengths = [], []
+        for _ in range(args.num_steps):
+            actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
+            actions = np.asarray(actions)
+            storage["obs"].append(obs)
+            storage["actions"].append(actions)
+            storage["behaviour_logits"].append(logits)
+            storage["resets"].append(reset_next)
+            obs, reward, terminated, truncated, info = envs.step(actions)
+            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
+            storage["rewards"].append(reward)
+            storage["terminations"].append(terminated)
+            storage["truncations"].append(truncated)
+            episode_returns += reward
+            done = terminated | truncated
+            finished_returns += list(episode_returns[done])
+            finished_lengths += list(info["elapsed_step"][done])
+            episode_returns[done] = 0.0
+            reset_next = done
+        storage["obs"].append(obs)
+        global_step += args.num_steps * num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
+        # Stack and send each learner device its share of the envs now, while the learner is busy.
+        shards = {}
+        for name, values in storage.items():
+            values = np.stack([np.asarray(v) for v in values])
+            values = values.astype(np.float32) if values.dtype == bool else values
+            shards[name] = [jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)]
+        rollout_queue.put((global_step, shards))
+        if device_thread_id == 0 and finished_returns:
+            returned_episode_returns.extend(finished_returns)
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
+
+
+def actor_thread(*fn_args):
+    """Run `rollout`, handing any exception to the learner so that it fails loudly instead of waiting forever."""
+    rollout_queue = fn_args[2]
+    try:
+        rollout(*fn_args)
+    except BaseException as e:  # noqa: B902
+        rollout_queue.put(e)
+        raise
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    if args.distributed:
+        jax.distributed.initialize()
+    local_devices = jax.local_devices()
+    args.world_size = jax.process_count()
+    args.local_batch_size = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.num_steps
+    args.batch_size = args.local_batch_size * args.world_size
+    args.num_updates = max(1, args.total_timesteps // args.batch_size)
+    actor_devices = [local_devices[d] for d in args.actor_device_ids]
+    learner_devices = [local_devices[d] for d in args.learner_device_ids]
+    global_learner_devices = [
+        jax.devices()[d + p * len(local_devices)] for p in range(args.world_size) for d in args.learner_device_ids
+    ]
+    mesh = Mesh(np.array(global_learner_devices), ("learner",))
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    )
+
+    key = jax.random.PRNGKey(args.seed)
+    key, network_key, actor_key = jax.random.split(key, 3)
+    envs = make_env(args.env_id, args.seed, 1, args)()
+    network = AgentNetwork(envs.action_space.n, args.num_quantiles)
+    params = network.init(network_key, np.array([envs.observation_space.sample()]))
+    del envs
+
+    def linear_schedule(count):
+        return args.learning_rate * (1.0 - count / args.num_updates)
+
+    agent_state = TrainState.create(
+        apply_fn=network.apply,
+        params=params,
+        tx=optax.chain(
+            optax.clip_by_global_norm(args.max_grad_norm),
+            optax.rmsprop(
+                linear_schedule if args.anneal_lr else args.learning_rate, decay=args.rmsprop_decay, eps=args.rmsprop_eps
+            ),
+        ),
+    )
+    agent_state = jax.device_put(agent_state, NamedSharding(mesh, P()))
+    update_fn = make_learner_step(args, mesh)
+    batch_sharding = NamedSharding(mesh, P(None, "learner"))
+
+    def shard_batch(thread_shards):
+        """Join the actor threads' unrolls on each learner device into one batch sharded along the envs."""
+
+        def join(name):
+            arrays = [jnp.concatenate([shards[name][i] for shards in thread_shards], axis=1) for i in range(len(learner_devices))]
+            shape = arrays[0].shape
+            global_shape = (shape[0], shape[1] * len(global_learner_devices)) + shape[2:]
+            return jax.make_array_from_single_device_arrays(global_shape, batch_sharding, arrays)
+
+        return Rollout(**{name: join(name) for name in Rollout._fields})
+
+    def local_params(state):
+        return jax.tree.map(lambda x: x.addressable_shards[0].data, state.params)
+
+    rollout_queues, params_queues = [], []
+    for d_idx, d_id in enumerate(args.actor_device_ids):
+        for thread_id in range(args.num_actor_threads):
+            rollout_queues.append(queue.Queue(maxsize=1))
+            params_queues.append(queue.Queue(maxsize=1))
+            params_queues[-1].put(jax.device_put(local_params(agent_state), local_devices[d_id]))
+            actor_key, thread_key = jax.random.split(actor_key)
+            threading.Thread(
+                target=actor_thread,
+                args=(
+                    thread_key,
+                    args,
+                    rollout_queues[-1],
+                    params_queues[-1],
+                    writer,
+                    learner_devices,
+                    d_idx * args.num_actor_threads + thread_id,
+                    local_devices[d_id],
+                ),
+                daemon=True,
+            ).start()
+
+    start_time = time.time()
+    for update in range(1, args.num_updates + 1):
+        items = [q.get() for q in rollout_queues]
+        for item in items:
+            if isinstance(item, BaseException):
+                raise RuntimeError("an actor thread failed") from item
+        global_step = items[0][0]
+        agent_state, metrics = update_fn(agent_state, shard_batch([shards for _, shards in items]))
+        if update <= args.num_updates - 2:  # rollout k + 2 acts with these params; later rollouts do not exist
+            new_params = local_params(agent_state)
+            for d_idx, d_id in enumerate(args.actor_device_ids):
+                for thread_id in range(args.num_actor_threads):
+                    params_queues[d_idx * args.num_actor_threads + thread_id].put(
+                        jax.device_put(new_params, local_devices[d_id])
+                    )
+        if update % args.log_frequency == 0 or update == args.num_updates:
+            sps = int(global_step / (time.time() - start_time))
+            metrics = jax.device_get(metrics)
+            print(
+                f"update {update}/{args.num_updates} global_step={global_step} SPS={sps} "
+                f"loss={metrics['loss']:.4f} entropy={metrics['entropy']:.3f}"
+            )
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/learning_rate", linear_schedule(update) if args.anneal_lr else args.learning_rate, global_step)
+            for name, value in metrics.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
+        if args.save_model and args.save_every and update % args.save_every == 0 and jax.process_index() == 0:
+            save_model(f"runs/{run_name}/{args.exp_name}.flax_model", args, local_params(agent_state))
+
+    if args.save_model and jax.process_index() == 0:
+        model_path = f"runs/{run_name}/{args.exp_name}.flax_model"
+        save_model(model_path, args, local_params(agent_state))
+        print(f"model saved to {model_path}")
+        episodic_returns = evaluate(model_path, args.eval_episodes, seed=args.seed)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        print(f"evaluation over {args.eval_episodes} episodes: mean return {np.mean(episodic_returns):.2f}")
+    writer.close()

@@ -1,0 +1,141 @@
+"""qr_impala.py end to end: smoke runs, saved models, determinism, errors, the multi-device learner, and learning."""
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qr_impala import AgentNetwork, Args, Rollout, evaluate, impala_loss, load_model, make_learner_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(cwd, *flags, script="qr_impala.py", xla_devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={xla_devices}", JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def scalars(run_dir):
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def only_run_dir(cwd):
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--env-id", "CartPole-v1", "--total-timesteps", "3000", "--local-num-envs", "4", "--num-steps", "8"],
+        ["--env-id", "Breakout-v5", "--total-timesteps", "64", "--local-num-envs", "2", "--num-actor-threads", "1"]
+        + ["--num-steps", "8", "--eval-episodes", "1"],
+    ],
+    ids=["CartPole-v1", "Breakout-v5"],
+)
+def test_smoke_run_logs_saves_loads_and_evaluates(tmp_path, flags):
+    result = run_script(tmp_path, *flags, "--save-model", "--eval-episodes", "2", "--log-frequency", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SPS=" in result.stdout and "evaluation over" in result.stdout
+    run_dir = only_run_dir(tmp_path)
+    logged = scalars(run_dir)
+    for tag in ["charts/SPS", "losses/loss", "losses/value_loss", "losses/policy_loss", "losses/entropy", "eval/episodic_return"]:
+        assert tag in logged and np.all(np.isfinite(logged[tag])), tag
+    if "CartPole-v1" in flags:
+        assert "charts/episodic_return" in logged
+    saved_args, params = load_model(os.path.join(run_dir, "qr_impala.flax_model"))
+    assert saved_args.env_id == flags[1] and saved_args.num_updates >= 2
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+    returns = evaluate(os.path.join(run_dir, "qr_impala.flax_model"), eval_episodes=2, seed=3)
+    assert returns.shape == (2,) and np.all(np.isfinite(returns))
+
+
+def test_same_seed_gives_the_same_params_whatever_the_thread_timing(tmp_path):
+    flags = ["--env-id", "CartPole-v1", "--total-timesteps", "4000", "--local-num-envs", "4", "--num-steps", "8"]
+    saved = []
+    for name in ["first", "second"]:
+        os.makedirs(tmp_path / name)
+        result = run_script(tmp_path / name, *flags, "--save-model", "--eval-episodes", "1")
+        assert result.returncode == 0, result.stderr[-3000:]
+        saved.append(load_model(os.path.join(only_run_dir(tmp_path / name), "qr_impala.flax_model"))[1])
+    jax.tree.map(np.testing.assert_array_equal, *saved)
+
+
+def test_unknown_env_id_fails_clearly_before_writing_anything(tmp_path):
+    result = run_script(tmp_path, "--env-id", "Breakot-v5")
+    assert result.returncode != 0
+    assert "unknown --env-id 'Breakot-v5'" in result.stderr and "Breakout-v5" in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_two_learner_devices_end_to_end(tmp_path):
+    result = run_script(
+        tmp_path,
+        *["--env-id", "CartPole-v1", "--total-timesteps", "2000", "--local-num-envs", "4", "--num-steps", "8"],
+        *["--learner-device-ids", "0", "1", "--actor-device-ids", "1"],
+        xla_devices=2,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "learner devices [CpuDevice(id=0), CpuDevice(id=1)]" in result.stdout
+
+
+def test_two_device_gradient_equals_single_device_gradient():
+    assert len(jax.devices()) >= 2, "tests/conftest.py asks XLA for two host devices"
+    num_steps, num_envs, num_actions, obs_dim = 6, 8, 3, 5
+    args = Args(env_id="CartPole-v1", num_quantiles=4, gamma=0.95, lambda_=0.9, alpha=0.8)
+    rng = np.random.default_rng(0)
+    resets = np.zeros((num_steps, num_envs), dtype=np.float32)
+    resets[3, [1, 6]] = 1.0
+    rollout = Rollout(
+        obs=rng.normal(size=(num_steps + 1, num_envs, obs_dim)).astype(np.float32),
+        actions=rng.integers(0, num_actions, size=(num_steps, num_envs)).astype(np.int32),
+        behaviour_logits=rng.normal(size=(num_steps, num_envs, num_actions)).astype(np.float32),
+        rewards=rng.normal(scale=2.0, size=(num_steps, num_envs)).astype(np.float32),
+        terminations=np.roll(resets, -1, axis=0),
+        truncations=(rng.random((num_steps, num_envs)) < 0.1).astype(np.float32),
+        resets=resets,
+    )
+    network = AgentNetwork(num_actions, args.num_quantiles)
+    params = network.init(jax.random.PRNGKey(0), rollout.obs[0])
+    # With SGD at learning rate 1 the step is minus the gradient.
+    state = TrainState.create(apply_fn=network.apply, params=params, tx=optax.sgd(1.0))
+
+    def gradient_on(devices):
+        mesh = Mesh(np.array(devices), ("learner",))
+        new_state, metrics = make_learner_step(args, mesh)(
+            jax.device_put(state, NamedSharding(mesh, P())), jax.device_put(rollout, NamedSharding(mesh, P(None, "learner")))
+        )
+        return jax.tree.map(lambda new, old: np.asarray(old) - np.asarray(new), new_state.params, params), metrics
+
+    one_device, metrics_one = gradient_on(jax.devices()[:1])
+    two_devices, metrics_two = gradient_on(jax.devices()[:2])
+    full_batch = jax.grad(lambda p: impala_loss(p, network.apply, jax.tree.map(jnp.asarray, rollout), args)[0])(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), two_devices, one_device)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one_device, full_batch)
+    assert optax.global_norm(one_device) > 1e-3
+    np.testing.assert_allclose(metrics_two["loss"], metrics_one["loss"], rtol=1e-5)
+
+
+def test_learns_cartpole(tmp_path):
+    result = run_script(
+        tmp_path,
+        *["--env-id", "CartPole-v1", "--seed", "1", "--total-timesteps", "150000"],
+        *["--local-num-envs", "4", "--num-steps", "16", "--learning-rate", "2e-3", "--log-frequency", "200"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    returns = scalars(only_run_dir(tmp_path))["charts/avg_episodic_return_last100"]
+    assert returns[0] < 40  # a random policy balances for about 20 steps
+    assert returns[-1] >= 150, returns[-10:]
