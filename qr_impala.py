@@ -8,6 +8,7 @@ step EnvPool, the learner trains on its own device(s), and the actor always acts
     python qr_impala.py --env-id Breakout-v5
     python qr_impala.py --env-id CartPole-v1 --total-timesteps 150000
 """
+
 import difflib
 import importlib
 import importlib.util
@@ -146,7 +147,13 @@ def make_env(env_id: str, seed: int, num_envs: int, args: Args):
                 frame_skip=4,
             )
         return envpool.make(
-            env_id, env_type="gym", num_envs=num_envs, batch_size=num_envs, num_threads=args.envpool_threads, seed=seed, **kwargs
+            env_id,
+            env_type="gym",
+            num_envs=num_envs,
+            batch_size=num_envs,
+            num_threads=args.envpool_threads,
+            seed=seed,
+            **kwargs,
         )
 
     return thunk
@@ -307,8 +314,21 @@ def split_halves(rollout: Rollout):
     return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
 
 
-def impala_loss(params, apply_fn, rollout: Rollout, args: Args):
-    """L = w_pi L_pi + w_H L_H + w_Z L_Z on one batch (eq. 11)."""
+def hyperparameters(args: Args):
+    """eta = {gamma, lambda, alpha, w_Z, w_pi, w_H} of eq. 9-11; constants here, one gamma, lambda and w_Z per quantile."""
+    n = args.num_quantiles
+    return dict(
+        gamma=jnp.full((n,), args.gamma),
+        lambda_=jnp.full((n,), args.lambda_),
+        alpha=jnp.asarray(args.alpha),
+        w_z=jnp.full((n,), args.value_coef),
+        w_pi=jnp.asarray(args.policy_coef),
+        w_h=jnp.asarray(args.ent_coef),
+    )
+
+
+def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args):
+    """L = w_pi L_pi + w_H L_H + w_Z L_Z on one batch (eq. 11), with the hyperparameters eta."""
     num_steps, num_envs = rollout.actions.shape
     logits, quantiles = apply_fn(params, rollout.obs.reshape((-1,) + rollout.obs.shape[2:]))
     logits = logits.reshape(num_steps + 1, num_envs, -1)[:-1]
@@ -320,8 +340,6 @@ def impala_loss(params, apply_fn, rollout: Rollout, args: Args):
     valid = 1.0 - rollout.resets
     discounts = (1.0 - rollout.terminations) * valid
     trace_masks = 1.0 - rollout.truncations
-    gamma = jnp.full((args.num_quantiles,), args.gamma)
-    lambda_ = jnp.full((args.num_quantiles,), args.lambda_)
     returns, pg_advantages = distributional_vtrace(
         quantiles[:-1],
         quantiles[-1],
@@ -329,19 +347,19 @@ def impala_loss(params, apply_fn, rollout: Rollout, args: Args):
         discounts,
         trace_masks,
         log_pi_a - log_mu_a,
-        gamma,
-        lambda_,
-        args.alpha,
+        eta["gamma"],
+        eta["lambda_"],
+        eta["alpha"],
         args.rho_bar,
         args.c_bar,
         args.pg_rho_bar,
     )
     # Means over all T x B entries (reset steps count as zeros) keep the loss additive across devices and halves.
-    w_z = jnp.full((args.num_quantiles,), args.value_coef)
-    value_loss = jnp.mean(valid * jnp.mean(w_z * quantile_huber_loss(quantiles[:-1], returns, args.huber_kappa), -1))
-    policy_loss = -jnp.mean(valid * jax.lax.stop_gradient(pg_advantages) * log_pi_a)
+    value_loss = jnp.mean(valid * jnp.mean(eta["w_z"] * quantile_huber_loss(quantiles[:-1], returns, args.huber_kappa), -1))
+    # A_Z is built from stop-gradiented values and ratios: no gradient to theta, but eta's gradient stays (eq. 11).
+    policy_loss = -jnp.mean(valid * pg_advantages * log_pi_a)
     entropy = jnp.mean(valid * -jnp.sum(jax.nn.softmax(logits) * log_pi, axis=-1))
-    loss = args.policy_coef * policy_loss - args.ent_coef * entropy + value_loss  # eq. 11, L_H as an entropy bonus
+    loss = eta["w_pi"] * policy_loss - eta["w_h"] * entropy + value_loss  # eq. 11, L_H as an entropy bonus
     return loss, dict(loss=loss, value_loss=value_loss, policy_loss=policy_loss, entropy=entropy)
 
 
@@ -349,7 +367,9 @@ def learner_step(agent_state: TrainState, rollout: Rollout, args: Args, axis_nam
     """One gradient step from the two halves of this device's batch, gradients averaged over learner devices."""
     grads, metrics = None, []
     for half in split_halves(rollout):
-        half_grads, half_metrics = jax.grad(impala_loss, has_aux=True)(agent_state.params, agent_state.apply_fn, half, args)
+        half_grads, half_metrics = jax.grad(impala_loss, has_aux=True)(
+            agent_state.params, agent_state.apply_fn, half, hyperparameters(args), args
+        )
         grads = half_grads if grads is None else jax.tree.map(jnp.add, grads, half_grads)
         metrics.append(half_metrics)
     grads = jax.tree.map(lambda g: g / 2.0, grads)
@@ -441,9 +461,7 @@ def rollout(
     actor_device: jax.Device,
 ):
     """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`."""
-    envs = make_env(
-        args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args
-    )()
+    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)()
     network = AgentNetwork(envs.action_space.n, args.num_quantiles)
     num_envs = args.local_num_envs
 
@@ -489,7 +507,9 @@ def rollout(
         for name, values in storage.items():
             values = np.stack([np.asarray(v) for v in values])
             values = values.astype(np.float32) if values.dtype == bool else values
-            shards[name] = [jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)]
+            shards[name] = [
+                jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
+            ]
         rollout_queue.put((global_step, shards))
         if device_thread_id == 0 and finished_returns:
             returned_episode_returns.extend(finished_returns)
@@ -560,7 +580,9 @@ if __name__ == "__main__":
         """Join the actor threads' unrolls on each learner device into one batch sharded along the envs."""
 
         def join(name):
-            arrays = [jnp.concatenate([shards[name][i] for shards in thread_shards], axis=1) for i in range(len(learner_devices))]
+            arrays = [
+                jnp.concatenate([shards[name][i] for shards in thread_shards], axis=1) for i in range(len(learner_devices))
+            ]
             shape = arrays[0].shape
             global_shape = (shape[0], shape[1] * len(global_learner_devices)) + shape[2:]
             return jax.make_array_from_single_device_arrays(global_shape, batch_sharding, arrays)
@@ -615,7 +637,9 @@ if __name__ == "__main__":
                 f"loss={metrics['loss']:.4f} entropy={metrics['entropy']:.3f}"
             )
             writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/learning_rate", linear_schedule(update) if args.anneal_lr else args.learning_rate, global_step)
+            writer.add_scalar(
+                "charts/learning_rate", linear_schedule(update) if args.anneal_lr else args.learning_rate, global_step
+            )
             for name, value in metrics.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
         if args.save_model and args.save_every and update % args.save_every == 0 and jax.process_index() == 0:

@@ -5,6 +5,7 @@
 Both are measured in this one run, one after the other. The training rate is the steady-state rate between the first
 and the last SPS log of the run (compilation excluded); extra flags after `--` go to qr_impala.py.
 """
+
 import glob
 import os
 import subprocess

@@ -1,4 +1,5 @@
 """qr_impala's distributional v-trace (eq. 9-10), A_Z (eq. 11) and quantile Huber loss (eq. 1-3) against rlax and loops."""
+
 import itertools
 
 import jax
@@ -153,11 +154,25 @@ def test_gradients_flow_to_gamma_lambda_alpha_and_not_to_values_or_ratios():
 
     def total(gamma, lambda_, alpha, quantiles, log_rhos):
         returns, advantages = distributional_vtrace(
-            quantiles, u["bootstrap_quantiles"], u["rewards"], u["discounts"], u["trace_masks"], log_rhos, gamma, lambda_, alpha
+            quantiles,
+            u["bootstrap_quantiles"],
+            u["rewards"],
+            u["discounts"],
+            u["trace_masks"],
+            log_rhos,
+            gamma,
+            lambda_,
+            alpha,
         )
         return jnp.sum(returns) + jnp.sum(advantages)
 
-    inputs = [jnp.asarray(u["gamma"]), jnp.full((N,), 0.8), jnp.asarray(0.7), jnp.asarray(u["quantiles"]), jnp.asarray(u["log_rhos"])]
+    inputs = [
+        jnp.asarray(u["gamma"]),
+        jnp.full((N,), 0.8),
+        jnp.asarray(0.7),
+        jnp.asarray(u["quantiles"]),
+        jnp.asarray(u["log_rhos"]),
+    ]
     grads = jax.grad(total, argnums=(0, 1, 2, 3, 4))(*inputs)
     for i in range(3):  # gamma, lambda, alpha
         f = lambda x: total(*inputs[:i], jnp.asarray(x, dtype=jnp.float32), *inputs[i + 1 :])  # noqa: E731

@@ -1,4 +1,5 @@
 """qr_impala.py end to end: smoke runs, saved models, determinism, errors, the multi-device learner, and learning."""
+
 import glob
 import os
 import subprocess
@@ -14,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qr_impala import AgentNetwork, Args, Rollout, evaluate, impala_loss, load_model, make_learner_step
+from qr_impala import AgentNetwork, Args, Rollout, evaluate, hyperparameters, impala_loss, load_model, make_learner_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,8 +44,9 @@ def only_run_dir(cwd):
         ["--env-id", "CartPole-v1", "--total-timesteps", "3000", "--local-num-envs", "4", "--num-steps", "8"],
         ["--env-id", "Breakout-v5", "--total-timesteps", "64", "--local-num-envs", "2", "--num-actor-threads", "1"]
         + ["--num-steps", "8", "--eval-episodes", "1"],
+        ["--env-id", "snake_jax", "--total-timesteps", "256", "--local-num-envs", "4", "--num-steps", "8"],
     ],
-    ids=["CartPole-v1", "Breakout-v5"],
+    ids=["CartPole-v1", "Breakout-v5", "snake_jax"],
 )
 def test_smoke_run_logs_saves_loads_and_evaluates(tmp_path, flags):
     result = run_script(tmp_path, *flags, "--save-model", "--eval-episodes", "2", "--log-frequency", "2")
@@ -52,7 +54,14 @@ def test_smoke_run_logs_saves_loads_and_evaluates(tmp_path, flags):
     assert "SPS=" in result.stdout and "evaluation over" in result.stdout
     run_dir = only_run_dir(tmp_path)
     logged = scalars(run_dir)
-    for tag in ["charts/SPS", "losses/loss", "losses/value_loss", "losses/policy_loss", "losses/entropy", "eval/episodic_return"]:
+    for tag in [
+        "charts/SPS",
+        "losses/loss",
+        "losses/value_loss",
+        "losses/policy_loss",
+        "losses/entropy",
+        "eval/episodic_return",
+    ]:
         assert tag in logged and np.all(np.isfinite(logged[tag])), tag
     if "CartPole-v1" in flags:
         assert "charts/episodic_return" in logged
@@ -122,7 +131,9 @@ def test_two_device_gradient_equals_single_device_gradient():
 
     one_device, metrics_one = gradient_on(jax.devices()[:1])
     two_devices, metrics_two = gradient_on(jax.devices()[:2])
-    full_batch = jax.grad(lambda p: impala_loss(p, network.apply, jax.tree.map(jnp.asarray, rollout), args)[0])(params)
+    full_batch = jax.grad(
+        lambda p: impala_loss(p, network.apply, jax.tree.map(jnp.asarray, rollout), hyperparameters(args), args)[0]
+    )(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), two_devices, one_device)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one_device, full_batch)
     assert optax.global_norm(one_device) > 1e-3
