@@ -1,0 +1,82 @@
+"""Learner update time of drmg.py against qr_impala.py on the same batch, in one run.
+
+    python benchmark/drmg_update_time.py --env-id Breakout-v5 --num-envs 128
+
+Both jitted learner steps (one device) get the same random batch of the environment's shapes; compilation is excluded.
+drmg's step differentiates through one inner RMSProp step twice (two inner/outer loops); the paper's budget is about 3x.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import drmg  # noqa: E402
+import qr_impala  # noqa: E402
+
+
+@dataclass
+class Args:
+    env_id: str = "Breakout-v5"
+    """the environment whose observation and action shapes the batch takes"""
+    num_envs: int = 128
+    """envs in the learner batch (qr_impala.py's default: 64 envs x 2 actor threads)"""
+    num_steps: int = 20
+    """unroll length"""
+    repeats: int = 5
+    """timed updates of each script"""
+    meta_learn: str = "all"
+    """drmg.py's --meta-learn"""
+
+
+def time_update(module, args: Args, batch, num_actions: int):
+    script_args = module.Args(env_id=args.env_id, num_steps=args.num_steps)
+    if module is drmg:
+        script_args.meta_learn = args.meta_learn
+    network = module.AgentNetwork(num_actions, script_args.num_quantiles)
+    params = network.init(jax.random.PRNGKey(0), batch.obs[0])
+    tx = optax.chain(optax.clip_by_global_norm(40.0), optax.rmsprop(6e-4, decay=0.99, eps=0.01))
+    states = [TrainState.create(apply_fn=network.apply, params=params, tx=tx)]
+    if module is drmg:
+        states.append(TrainState.create(apply_fn=None, params=drmg.init_meta_params(script_args), tx=optax.adam(1e-3)))
+    step = module.make_learner_step(script_args, Mesh(np.array(jax.devices()[:1]), ("learner",)))
+    jax.block_until_ready(step(*states, batch))  # compile
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(*states, batch))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    envs = qr_impala.make_env(args.env_id, 0, 1, qr_impala.Args(env_id=args.env_id))()
+    num_actions, obs_space = envs.action_space.n, envs.observation_space
+    rng = np.random.default_rng(0)
+    T, B = args.num_steps, args.num_envs
+    obs = rng.integers(0, 256, size=(T + 1, B, *obs_space.shape)).astype(obs_space.dtype)
+    batch = dict(
+        obs=obs,
+        actions=rng.integers(0, num_actions, size=(T, B)).astype(np.int32),
+        behaviour_logits=rng.normal(size=(T, B, num_actions)).astype(np.float32),
+        rewards=rng.normal(size=(T, B)).astype(np.float32),
+        terminations=(rng.random((T, B)) < 0.01).astype(np.float32),
+        truncations=np.zeros((T, B), np.float32),
+        resets=np.zeros((T, B), np.float32),
+    )
+    qr_time = time_update(qr_impala, args, qr_impala.Rollout(**batch), num_actions)
+    drmg_time = time_update(drmg, args, drmg.Rollout(**batch), num_actions)
+    print(f"device {jax.devices()[0].device_kind}; {args.env_id}, batch {T} steps x {B} envs, median of {args.repeats}")
+    print(f"qr_impala.py learner update: {qr_time * 1000:.1f} ms")
+    print(f"drmg.py learner update (--meta-learn {args.meta_learn}): {drmg_time * 1000:.1f} ms")
+    print(f"ratio drmg / qr_impala: {drmg_time / qr_time:.2f}")
