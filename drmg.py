@@ -195,9 +195,9 @@ def check_args(args: Args):
     if min(args.num_quantiles, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
         raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
     if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
-        raise SystemExit("--gamma, --lambda and --alpha must lie in [0, 1]")
+        raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
     if args.meta_learn == "all" and not (0 < args.gamma < 1 and 0 < args.lambda_ < 1 and 0 < args.alpha < 1):
-        raise SystemExit("learnt --gamma, --lambda and --alpha are sigmoids: their initial values must lie in (0, 1)")
+        raise SystemExit("learnt --gamma, --lambda_ and --alpha are sigmoids: their initial values must lie in (0, 1)")
     if not (0 < args.weight_init < 1 or (args.meta_learn == "none" and args.weight_init == 1)):
         raise SystemExit("--weight-init is a sigmoid: it must lie in (0, 1) (1 is allowed with --meta-learn none)")
     if not 0 <= args.n_step <= args.num_steps:

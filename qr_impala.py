@@ -171,7 +171,7 @@ def check_args(args: Args):
     if min(args.num_quantiles, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
         raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
     if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
-        raise SystemExit("--gamma, --lambda and --alpha must lie in [0, 1]")
+        raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
 
 
 class ResidualBlock(nn.Module):
