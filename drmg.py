@@ -520,18 +520,19 @@ class SummaryWriter:
         self.lock = threading.Lock()
 
     def add_scalar(self, tag: str, value, step: int):
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
-        with self.lock:
-            self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        self.write(summary_pb2.Summary.Value(tag=tag, simple_value=float(value)), step)
 
     def add_text(self, tag: str, text: str, step: int = 0):
         metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
         tensor = tensor_pb2.TensorProto(
             dtype=types_pb2.DT_STRING, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
         )
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
-        with self.lock:
-            self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        self.write(summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
+
+    def write(self, value: summary_pb2.Summary.Value, step: int):
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
+        with self.lock:  # actor threads and the learner write to the same file
+            self.writer.add_event(event)
 
     def close(self):
         self.writer.close()

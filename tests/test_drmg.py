@@ -11,6 +11,7 @@ import pytest
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_qr_impala_run import make_rollout as make_random_rollout
 from test_qr_impala_run import only_run_dir, run_script, scalars
 
 import drmg
@@ -20,18 +21,7 @@ NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM = 5, 4, 3, 3
 
 
 def make_rollout(module, seed=0, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    resets = np.zeros((NUM_STEPS, NUM_ENVS))
-    resets[3, 1] = 1.0
-    return module.Rollout(
-        obs=rng.normal(size=(NUM_STEPS + 1, NUM_ENVS, OBS_DIM)).astype(dtype),
-        actions=rng.integers(0, NUM_ACTIONS, size=(NUM_STEPS, NUM_ENVS)).astype(np.int32),
-        behaviour_logits=rng.normal(size=(NUM_STEPS, NUM_ENVS, NUM_ACTIONS)).astype(dtype),
-        rewards=rng.normal(scale=0.7, size=(NUM_STEPS, NUM_ENVS)).astype(dtype),
-        terminations=np.roll(resets, -1, axis=0).astype(dtype),
-        truncations=np.eye(NUM_STEPS, NUM_ENVS, k=-2).astype(dtype),  # env 0 is truncated at step 2
-        resets=resets.astype(dtype),
-    )
+    return make_random_rollout(module, NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, seed, dtype)
 
 
 def make_states(module, args, rollout, seed=0):

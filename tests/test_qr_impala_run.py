@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import qr_impala
 from qr_impala import AgentNetwork, Args, Rollout, evaluate, hyperparameters, impala_loss, load_model, make_learner_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,22 +102,27 @@ def test_two_learner_devices_end_to_end(tmp_path):
     assert "learner devices [CpuDevice(id=0), CpuDevice(id=1)]" in result.stdout
 
 
+def make_rollout(module, num_steps=6, num_envs=8, num_actions=3, obs_dim=5, seed=0, dtype=np.float32):
+    """A random unroll of `module.Rollout` with a termination, the reset step after it, truncations, ratios far from 1."""
+    rng = np.random.default_rng(seed)
+    resets = np.zeros((num_steps, num_envs))
+    resets[3, [1, num_envs - 2]] = 1.0
+    return module.Rollout(
+        obs=rng.normal(size=(num_steps + 1, num_envs, obs_dim)).astype(dtype),
+        actions=rng.integers(0, num_actions, size=(num_steps, num_envs)).astype(np.int32),
+        behaviour_logits=rng.normal(size=(num_steps, num_envs, num_actions)).astype(dtype),
+        rewards=rng.normal(scale=2.0, size=(num_steps, num_envs)).astype(dtype),
+        terminations=np.roll(resets, -1, axis=0).astype(dtype),
+        truncations=np.eye(num_steps, num_envs, k=-2).astype(dtype),  # env 0 is truncated at step 2
+        resets=resets.astype(dtype),
+    )
+
+
 def test_two_device_gradient_equals_single_device_gradient():
     assert len(jax.devices()) >= 2, "tests/conftest.py asks XLA for two host devices"
-    num_steps, num_envs, num_actions, obs_dim = 6, 8, 3, 5
+    num_actions = 3
     args = Args(env_id="CartPole-v1", num_quantiles=4, gamma=0.95, lambda_=0.9, alpha=0.8)
-    rng = np.random.default_rng(0)
-    resets = np.zeros((num_steps, num_envs), dtype=np.float32)
-    resets[3, [1, 6]] = 1.0
-    rollout = Rollout(
-        obs=rng.normal(size=(num_steps + 1, num_envs, obs_dim)).astype(np.float32),
-        actions=rng.integers(0, num_actions, size=(num_steps, num_envs)).astype(np.int32),
-        behaviour_logits=rng.normal(size=(num_steps, num_envs, num_actions)).astype(np.float32),
-        rewards=rng.normal(scale=2.0, size=(num_steps, num_envs)).astype(np.float32),
-        terminations=np.roll(resets, -1, axis=0),
-        truncations=(rng.random((num_steps, num_envs)) < 0.1).astype(np.float32),
-        resets=resets,
-    )
+    rollout = make_rollout(qr_impala)
     network = AgentNetwork(num_actions, args.num_quantiles)
     params = network.init(jax.random.PRNGKey(0), rollout.obs[0])
     # With SGD at learning rate 1 the step is minus the gradient.
