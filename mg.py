@@ -1,0 +1,735 @@
+"""MG: Meta-Gradient RL (Xu, van Hasselt, Silver, NeurIPS 2018; survey ../shared/papers/002), learning gamma and lambda.
+
+IMPALA with a scalar critic trained towards the lambda-return with v-trace, and the return's hyperparameters
+eta = {gamma, lambda} meta-learnt: an inner step theta' = theta + update(grad L_in(tau, theta, eta)), the outer loss
+(the policy-gradient objective J') at theta' on the other half of the batch with reference eta' = {gamma', lambda'},
+Adam on eta's logits; twice per learner step, (tau1, tau2) then (tau2, tau1), as drmg.py. Policy and value see an
+embedding e_eta = W_eta eta of the current meta-parameters next to the torso features (Xu et al. §1.4).
+Equations: Xu et al. eq. 1 (the update theta' = theta + f(tau, theta, eta)) and eq. 2 (the meta-gradient chain rule);
+IMPALA's (Espeholt et al. 2018) eq. 1 (v-trace); DrMG's (../shared/papers/000) eq. 9, of which MG is the N = 1 case.
+
+    python mg.py --env-id Breakout-v5
+    python mg.py --env-id Breakout-v5 --no-eta-embedding    # the ablation without eta-conditioning
+    python mg.py --env-id Breakout-v5 --meta-learn none     # IMPALA: fixed gamma and lambda
+"""
+
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import List, Literal, NamedTuple, Optional, Sequence
+
+# Actors and the learner share the accelerator with EnvPool; do not let XLA take all of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+
+import envpool
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    save_model: bool = False
+    """whether to save the model (params and args) to `runs/{run_name}` and evaluate it at the end"""
+    save_every: int = 0
+    """also save the model every this many learner updates (0: only at the end)"""
+    eval_episodes: int = 10
+    """number of episodes of the evaluation of the saved model"""
+    log_frequency: int = 10
+    """print progress and log losses every this many learner updates"""
+
+    # Environment
+    env_id: str = "Breakout-v5"
+    """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`) or a JAX environment module"""
+    max_episode_steps: int = 27000
+    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, paper 000 §5.2)"""
+    noop_max: int = 30
+    """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
+    envpool_threads: int = 0
+    """EnvPool worker threads per actor thread (0: EnvPool's default)"""
+
+    # Algorithm
+    total_timesteps: int = 50_000_000
+    """total agent steps (200M frames at action repeat 4)"""
+    learning_rate: float = 6e-4
+    """RMSProp learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    local_num_envs: int = 64
+    """environments per actor thread"""
+    num_actor_threads: int = 2
+    """actor threads per actor device"""
+    num_steps: int = 20
+    """unroll length of a rollout"""
+    gamma: float = 0.99
+    """initial discount factor (in (0, 1) when it learns)"""
+    lambda_: float = 0.99
+    """initial trace-bootstrapping lambda (in (0, 1) when it learns)"""
+    rho_bar: float = 1.0
+    """v-trace clipping threshold of the importance ratios on the TD errors"""
+    c_bar: float = 1.0
+    """v-trace clipping threshold of the importance ratios on the traces"""
+    pg_rho_bar: float = 1.0
+    """clipping threshold of the importance ratio of the policy gradient"""
+    value_coef: float = 0.5
+    """w_v, weight of the value loss 0.5 (G - v)^2 (IMPALA's baseline cost)"""
+    policy_coef: float = 1.0
+    """w_pi, weight of the policy-gradient loss"""
+    ent_coef: float = 0.01
+    """w_H, weight of the entropy bonus"""
+    max_grad_norm: float = 40.0
+    """the maximum norm of the gradient"""
+    rmsprop_eps: float = 0.01
+    """epsilon of RMSProp (inside the square root)"""
+    rmsprop_decay: float = 0.99
+    """decay of RMSProp"""
+
+    # Meta-gradient
+    meta_learn: Literal["all", "none"] = "all"
+    """which meta-parameters learn: all (eta = {gamma, lambda}) or none (IMPALA with fixed gamma and lambda)"""
+    eta_embedding: bool = True
+    """condition policy and value on e_eta = W_eta eta, concatenated to the torso features (Xu et al. §1.4)"""
+    eta_embedding_size: int = 16
+    """size of the embedding e_eta (paper: not given; our choice)"""
+    outer_gamma: float = 0.995
+    """gamma' of the outer loss (MG's Atari choice)"""
+    outer_lambda: float = 1.0
+    """lambda' of the outer loss (MG's Atari choice)"""
+    outer_value_coef: float = 0.0
+    """w'_v, weight of the value loss in the outer loss (0: J' is the policy-gradient objective alone, as MG's)"""
+    outer_ent_coef: float = 0.0
+    """w'_H, weight of the entropy bonus in the outer loss (0: J' is the policy-gradient objective alone, as MG's)"""
+    meta_learning_rate: float = 1e-3
+    """Adam learning rate of the meta-parameter logits (paper: not given; our choice)"""
+    meta_grad_clip: float = 0.1
+    """clip the meta-gradient to this global norm (paper: not given; our choice)"""
+
+    # Devices
+    actor_device_ids: List[int] = field(default_factory=lambda: [0])
+    """the (local) device ids that actor threads use"""
+    learner_device_ids: List[int] = field(default_factory=lambda: [0])
+    """the (local) device ids that the learner shards its batch across"""
+    distributed: bool = False
+    """initialise `jax.distributed` to train with several processes or hosts"""
+
+    # to be filled in runtime
+    local_batch_size: int = 0
+    """the learner batch on this process (envs x steps)"""
+    batch_size: int = 0
+    """the learner batch over all processes (envs x steps)"""
+    num_updates: int = 0
+    """the number of learner updates"""
+    world_size: int = 0
+    """the number of processes"""
+
+
+def make_env(env_id: str, seed: int, num_envs: int, args: Args):
+    """EnvPool with the DrMG Atari setting (paper 000 §5.2); JAX environments (`snake_jax`, ...) by module name."""
+
+    def thunk():
+        if env_id.endswith("_jax"):
+            return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
+        kwargs = {}
+        if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
+            kwargs = dict(
+                episodic_life=False,
+                reward_clip=False,  # the learner clips; the game score is logged unclipped
+                repeat_action_probability=0.0,
+                noop_max=args.noop_max,
+                max_episode_steps=args.max_episode_steps,
+                stack_num=4,
+                img_height=84,
+                img_width=84,
+                gray_scale=True,
+                frame_skip=4,
+            )
+        return envpool.make(
+            env_id,
+            env_type="gym",
+            num_envs=num_envs,
+            batch_size=num_envs,
+            num_threads=args.envpool_threads,
+            seed=seed,
+            **kwargs,
+        )
+
+    return thunk
+
+
+def check_args(args: Args):
+    """Fail before anything is written, with a message that says what to change."""
+    if not args.env_id.endswith("_jax") and args.env_id not in envpool.list_all_envs():
+        close = difflib.get_close_matches(args.env_id, envpool.list_all_envs(), n=5)
+        raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool ids close to it: {close}")
+    if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
+        raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
+    if (args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)) % (2 * len(args.learner_device_ids)):
+        raise SystemExit("envs per process must split into two equal halves on every learner device")
+    if min(args.eta_embedding_size, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
+        raise SystemExit("--eta-embedding-size, --num-steps, --local-num-envs and --num-actor-threads must be positive")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1):
+        raise SystemExit("--gamma and --lambda_ must lie in [0, 1]")
+    if args.meta_learn == "all" and not (0 < args.gamma < 1 and 0 < args.lambda_ < 1):
+        raise SystemExit("learnt --gamma and --lambda_ are sigmoids: their initial values must lie in (0, 1)")
+
+
+class ResidualBlock(nn.Module):
+    channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        inputs = x
+        x = nn.relu(x)
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        return x + inputs
+
+
+class ConvSequence(nn.Module):
+    channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+        x = ResidualBlock(self.channels)(x)
+        return ResidualBlock(self.channels)(x)
+
+
+class Torso(nn.Module):
+    """IMPALA's deep ResNet for image observations (C, H, W); a two-layer MLP for vector observations."""
+
+    @nn.compact
+    def __call__(self, x):
+        if x.dtype == jnp.uint8:
+            x = x.astype(jnp.float32) / 255.0
+        if x.ndim == 4:
+            x = jnp.transpose(x, (0, 2, 3, 1))
+            for channels in (16, 32, 32):
+                x = ConvSequence(channels)(x)
+            x = nn.relu(x).reshape((x.shape[0], -1))
+            return nn.relu(nn.Dense(256)(x))
+        x = nn.relu(nn.Dense(256)(x))
+        return nn.relu(nn.Dense(256)(x))
+
+
+class AgentNetwork(nn.Module):
+    """Policy logits and the value v_theta(s), both conditioned on the meta-parameters eta = (gamma, lambda)."""
+
+    num_actions: int
+    eta_embedding_size: int  # 0: no eta-conditioning
+
+    @nn.compact
+    def __call__(self, obs, eta):
+        hidden = Torso()(obs)
+        if self.eta_embedding_size:
+            # e_eta = W_eta eta, concatenated to the torso features (Xu et al. §1.4); eta: [2] = (gamma, lambda).
+            embedding = nn.Dense(self.eta_embedding_size, use_bias=False)(eta)
+            hidden = jnp.concatenate([hidden, jnp.broadcast_to(embedding, hidden.shape[:-1] + embedding.shape)], axis=-1)
+        logits = nn.Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01))(hidden)
+        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0))(hidden)[..., 0]
+        return logits, value
+
+
+class Rollout(NamedTuple):
+    """Time-major unroll of T steps; `obs` has T + 1 entries, the last one for bootstrapping."""
+
+    obs: jnp.ndarray  # [T + 1, B, ...]
+    actions: jnp.ndarray  # [T, B]
+    behaviour_logits: jnp.ndarray  # [T, B, A]
+    rewards: jnp.ndarray  # [T, B], unclipped
+    terminations: jnp.ndarray  # [T, B], the episode terminated at this step
+    truncations: jnp.ndarray  # [T, B], the episode was cut by the time limit at this step
+    resets: jnp.ndarray  # [T, B], EnvPool reset the env at this step: no real transition, the action was ignored
+
+
+def vtrace(
+    values,
+    bootstrap_value,
+    rewards,
+    discounts,
+    trace_masks,
+    log_rhos,
+    gamma,
+    lambda_,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    pg_rho_bar: float = 1.0,
+):
+    """Lambda-return with v-trace (IMPALA eq. 1, with lambda as in its §4.2; DrMG eq. 10 with one quantile), and its
+    policy-gradient advantage.
+
+    values V(S_t), rewards, discounts (0 where the episode ends by termination at t, else 1), trace_masks (0 where the
+    traces must stop at t: a truncation; else 1), log_rhos log pi/mu: [T, B]; bootstrap_value V(S_T): [B]; gamma,
+    lambda_: scalars. Values and importance ratios are stop-gradiented; gamma and lambda_ stay differentiable.
+    Returns (G [T, B], advantages [T, B]).
+    """
+    values, bootstrap_value = jax.lax.stop_gradient((values, bootstrap_value))
+    rhos = jnp.exp(jax.lax.stop_gradient(log_rhos))
+    clipped_rhos = jnp.minimum(rho_bar, rhos)
+    cs = lambda_ * trace_masks * jnp.minimum(c_bar, rhos)
+    gammas = gamma * discounts  # [T, B]
+    next_values = jnp.concatenate([values[1:], bootstrap_value[None]], axis=0)
+    deltas = clipped_rhos * (rewards + gammas * next_values - values)
+
+    def backward(acc, xs):
+        delta, gamma_t, c_t = xs
+        acc = delta + gamma_t * c_t * acc
+        return acc, acc
+
+    _, corrections = jax.lax.scan(backward, jnp.zeros_like(bootstrap_value), (deltas, gammas, cs), reverse=True)
+    returns = values + corrections  # IMPALA eq. 1
+    # G_t = r_t + gamma [(1 - lambda) V(S_t+1) + lambda G_t+1] (DrMG eq. 9, first line); at the end of the unroll
+    # and where traces stop, bootstrap from V(S_t+1) alone.
+    lambdas = lambda_ * trace_masks
+    next_returns = jnp.concatenate([returns[1:], bootstrap_value[None]], axis=0)
+    q_estimates = rewards + gammas * ((1 - lambdas) * next_values + lambdas * next_returns)
+    pg_advantages = jnp.minimum(pg_rho_bar, rhos) * (q_estimates - values)  # IMPALA §4.2
+    return returns, pg_advantages
+
+
+def split_halves(rollout: Rollout):
+    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (paper 000 §5.2)."""
+    half = rollout.actions.shape[1] // 2
+    return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
+
+
+def logit(p):
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def init_meta_params(args: Args):
+    """Logits of eta = {gamma, lambda}, scalars."""
+    return dict(gamma=logit(jnp.asarray(args.gamma)), lambda_=logit(jnp.asarray(args.lambda_)))
+
+
+def hyperparameters(meta_params, args: Args):
+    """eta = {gamma, lambda} from its logits (no gradient with --meta-learn none), and the fixed loss weights."""
+    sigmoid = {k: jax.nn.sigmoid(v if args.meta_learn == "all" else jax.lax.stop_gradient(v)) for k, v in meta_params.items()}
+    return dict(
+        gamma=sigmoid["gamma"],
+        lambda_=sigmoid["lambda_"],
+        w_v=jnp.asarray(args.value_coef),
+        w_pi=jnp.asarray(args.policy_coef),
+        w_h=jnp.asarray(args.ent_coef),
+    )
+
+
+def reference_hyperparameters(args: Args):
+    """eta' of the outer loss: fixed gamma', lambda' and the outer loss weights."""
+    return dict(
+        gamma=jnp.asarray(args.outer_gamma),
+        lambda_=jnp.asarray(args.outer_lambda),
+        w_v=jnp.asarray(args.outer_value_coef),
+        w_pi=jnp.asarray(args.policy_coef),
+        w_h=jnp.asarray(args.outer_ent_coef),
+    )
+
+
+def conditioning(eta):
+    """The input of the eta-embedding: (gamma, lambda)."""
+    return jnp.stack([eta["gamma"], eta["lambda_"]])
+
+
+def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args):
+    """L = w_pi L_pi + w_H L_H + w_v L_v on one batch, with the hyperparameters eta (the network conditioned on them)."""
+    num_steps, num_envs = rollout.actions.shape
+    logits, values = apply_fn(params, rollout.obs.reshape((-1,) + rollout.obs.shape[2:]), conditioning(eta))
+    logits = logits.reshape(num_steps + 1, num_envs, -1)[:-1]
+    values = values.reshape(num_steps + 1, num_envs)
+    log_pi = jax.nn.log_softmax(logits)
+    log_pi_a = jnp.take_along_axis(log_pi, rollout.actions[..., None], axis=-1)[..., 0]
+    log_mu_a = jnp.take_along_axis(jax.nn.log_softmax(rollout.behaviour_logits), rollout.actions[..., None], axis=-1)[..., 0]
+    # A reset step is no transition: it must not bootstrap into the new episode nor enter the losses.
+    valid = 1.0 - rollout.resets
+    discounts = (1.0 - rollout.terminations) * valid
+    trace_masks = 1.0 - rollout.truncations
+    returns, pg_advantages = vtrace(
+        values[:-1],
+        values[-1],
+        jnp.clip(rollout.rewards, -1.0, 1.0),  # reward clipping for learning (§5.2)
+        discounts,
+        trace_masks,
+        log_pi_a - log_mu_a,
+        eta["gamma"],
+        eta["lambda_"],
+        args.rho_bar,
+        args.c_bar,
+        args.pg_rho_bar,
+    )
+    # Means over all T x B entries (reset steps count as zeros) keep the loss additive across devices and halves.
+    value_loss = jnp.mean(valid * eta["w_v"] * 0.5 * (returns - values[:-1]) ** 2)
+    # The advantage is built from stop-gradiented values and ratios: no gradient to theta, but eta's gradient stays.
+    policy_loss = -jnp.mean(valid * pg_advantages * log_pi_a)
+    entropy = jnp.mean(valid * -jnp.sum(jax.nn.softmax(logits) * log_pi, axis=-1))
+    loss = eta["w_pi"] * policy_loss - eta["w_h"] * entropy + value_loss  # L_H as an entropy bonus
+    return loss, dict(loss=loss, value_loss=value_loss, policy_loss=policy_loss, entropy=entropy)
+
+
+def outer_loss(meta_params, agent_state: TrainState, inner: Rollout, outer: Rollout, args: Args, axis_name: Optional[str]):
+    """J'(tau', theta', eta') after one inner step theta' = theta + update(grad L_in(tau, theta, eta)) (Xu et al. eq. 1-2).
+
+    The network is conditioned on eta in the inner loss and on eta' in the outer one, so d theta'/d eta also counts the
+    path through e_eta. Also returns the inner gradient, so that the real update of theta uses the very same one.
+    """
+    grads, metrics = jax.grad(impala_loss, has_aux=True)(
+        agent_state.params, agent_state.apply_fn, inner, hyperparameters(meta_params, args), args
+    )
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)  # theta' is the same on every learner device
+    updates, _ = agent_state.tx.update(grads, agent_state.opt_state, agent_state.params)
+    params_prime = optax.apply_updates(agent_state.params, updates)  # eq. 1, through RMSProp
+    loss, _ = impala_loss(params_prime, agent_state.apply_fn, outer, reference_hyperparameters(args), args)  # J', eq. 2
+    return loss, (grads, dict(metrics, outer_loss=loss))
+
+
+def learner_step(
+    agent_state: TrainState, meta_state: TrainState, rollout: Rollout, args: Args, axis_name: Optional[str] = "learner"
+):
+    """One gradient step from the two halves of this device's batch and, unless --meta-learn none, one meta step:
+    loops (inner tau1, outer tau2) and (inner tau2, outer tau1), inner gradients and meta-gradients averaged."""
+    grads, meta_grads, metrics = None, None, []
+    tau1, tau2 = split_halves(rollout)
+    for inner, outer in ((tau1, tau2), (tau2, tau1)):
+        if args.meta_learn == "none":
+            half_grads, half_metrics = jax.grad(impala_loss, has_aux=True)(
+                agent_state.params, agent_state.apply_fn, inner, hyperparameters(meta_state.params, args), args
+            )
+        else:
+            half_meta_grads, (half_grads, half_metrics) = jax.grad(outer_loss, has_aux=True)(
+                meta_state.params, agent_state, inner, outer, args, axis_name
+            )
+            meta_grads = half_meta_grads if meta_grads is None else jax.tree.map(jnp.add, meta_grads, half_meta_grads)
+        grads = half_grads if grads is None else jax.tree.map(jnp.add, grads, half_grads)
+        metrics.append(half_metrics)
+    grads = jax.tree.map(lambda g: g / 2.0, grads)
+    metrics = jax.tree.map(lambda a, b: (a + b) / 2.0, *metrics)
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if meta_grads is not None:
+        meta_grads = jax.tree.map(lambda g: g / 2.0, meta_grads)
+        if axis_name is not None:
+            meta_grads = jax.lax.pmean(meta_grads, axis_name)
+        metrics["meta_grad_norm"] = optax.global_norm(meta_grads)
+        meta_state = meta_state.apply_gradients(grads=meta_grads)
+    metrics["meta"] = {k: v for k, v in hyperparameters(meta_state.params, args).items() if k in meta_state.params}
+    return agent_state.apply_gradients(grads=grads), meta_state, metrics
+
+
+def make_learner_step(args: Args, mesh: Mesh):
+    """Jit `learner_step`, the batch sharded along envs over the learner devices and the train states replicated."""
+    sharded = jax.shard_map(
+        partial(learner_step, args=args),
+        mesh=mesh,
+        in_specs=(P(), P(), P(None, "learner")),
+        out_specs=(P(), P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(sharded)
+
+
+class SummaryWriter:
+    """TensorBoard scalars and text through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
+
+    def __init__(self, log_dir: str):
+        self.writer = EventFileWriter(log_dir)
+        self.lock = threading.Lock()
+
+    def add_scalar(self, tag: str, value, step: int):
+        self.write(summary_pb2.Summary.Value(tag=tag, simple_value=float(value)), step)
+
+    def add_text(self, tag: str, text: str, step: int = 0):
+        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
+        )
+        self.write(summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
+
+    def write(self, value: summary_pb2.Summary.Value, step: int):
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
+        with self.lock:  # actor threads and the learner write to the same file
+            self.writer.add_event(event)
+
+    def close(self):
+        self.writer.close()
+
+
+def save_model(path: str, args: Args, params, eta):
+    """Write params, the conditioning eta and args atomically: a crash mid-write leaves the previous file intact."""
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "wb") as f:
+        saved = {"args": json.dumps(asdict(args)), "params": jax.device_get(params), "eta": jax.device_get(eta)}
+        f.write(flax.serialization.to_bytes(saved))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def load_model(path: str):
+    """Return (args, params, eta) written by `save_model`."""
+    with open(path, "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    return Args(**json.loads(saved["args"])), saved["params"], saved["eta"]
+
+
+def evaluate(model_path: str, eval_episodes: int, seed: int = 0, greedy: bool = False):
+    """Run the saved policy for `eval_episodes` episodes, one env each; return their unclipped returns."""
+    args, params, eta = load_model(model_path)
+    envs = make_env(args.env_id, seed, eval_episodes, args)()
+    network = AgentNetwork(envs.action_space.n, args.eta_embedding_size if args.eta_embedding else 0)
+    act = jax.jit(lambda p, o, k: jax.random.categorical(k, network.apply(p, o, eta)[0]))
+    act_greedy = jax.jit(lambda p, o: jnp.argmax(network.apply(p, o, eta)[0], axis=-1))
+    key = jax.random.PRNGKey(seed)
+    obs, _ = envs.reset()
+    returns, episodic_returns = np.zeros(eval_episodes), np.full(eval_episodes, np.nan)
+    while np.isnan(episodic_returns).any():
+        key, subkey = jax.random.split(key)
+        actions = act_greedy(params, obs) if greedy else act(params, obs, subkey)
+        obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions))
+        returns += reward
+        done = (terminated | truncated) & np.isnan(episodic_returns)
+        episodic_returns[done] = returns[done]
+    return episodic_returns
+
+
+def rollout(
+    key: jax.random.PRNGKey,
+    args: Args,
+    rollout_queue: queue.Queue,
+    params_queue: queue.Queue,
+    writer: SummaryWriter,
+    learner_devices: Sequence[jax.Device],
+    device_thread_id: int,
+    actor_device: jax.Device,
+):
+    """An actor thread: step its EnvPool with the latest params and eta it was given, put each unroll on `rollout_queue`."""
+    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)()
+    network = AgentNetwork(envs.action_space.n, args.eta_embedding_size if args.eta_embedding else 0)
+    num_envs = args.local_num_envs
+
+    @jax.jit
+    def get_action(params, eta, obs, key):
+        logits, _ = network.apply(params, obs, eta)
+        key, subkey = jax.random.split(key)
+        return jax.random.categorical(subkey, logits), logits, key
+
+    episode_returns, returned_episode_returns = np.zeros(num_envs), deque(maxlen=100)
+    obs, _ = envs.reset()
+    reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
+    global_step = 0
+    for update in range(1, args.num_updates + 1):
+        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule):
+        # rollouts 1 and 2 use the initial params; the learner computes update k - 1 while rollout k runs.
+        if update != 2:
+            params, eta = params_queue.get()
+        storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
+        finished_returns, finished_lengths = [], []
+        for _ in range(args.num_steps):
+            actions, logits, key = get_action(params, eta, jax.device_put(obs, actor_device), key)
+            actions = np.asarray(actions)
+            storage["obs"].append(obs)
+            storage["actions"].append(actions)
+            storage["behaviour_logits"].append(logits)
+            storage["resets"].append(reset_next)
+            obs, reward, terminated, truncated, info = envs.step(actions)
+            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
+            storage["rewards"].append(reward)
+            storage["terminations"].append(terminated)
+            storage["truncations"].append(truncated)
+            episode_returns += reward
+            done = terminated | truncated
+            finished_returns += list(episode_returns[done])
+            finished_lengths += list(info["elapsed_step"][done])
+            episode_returns[done] = 0.0
+            reset_next = done
+        storage["obs"].append(obs)
+        global_step += args.num_steps * num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
+        # Stack and send each learner device its share of the envs now, while the learner is busy.
+        shards = {}
+        for name, values in storage.items():
+            values = np.stack([np.asarray(v) for v in values])
+            values = values.astype(np.float32) if values.dtype == bool else values
+            shards[name] = [
+                jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
+            ]
+        rollout_queue.put((global_step, shards))
+        if device_thread_id == 0 and finished_returns:
+            returned_episode_returns.extend(finished_returns)
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
+
+
+def actor_thread(*fn_args):
+    """Run `rollout`, handing any exception to the learner so that it fails loudly instead of waiting forever."""
+    rollout_queue = fn_args[2]
+    try:
+        rollout(*fn_args)
+    except BaseException as e:  # noqa: B902
+        rollout_queue.put(e)
+        raise
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    if args.distributed:
+        jax.distributed.initialize()
+    local_devices = jax.local_devices()
+    args.world_size = jax.process_count()
+    args.local_batch_size = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.num_steps
+    args.batch_size = args.local_batch_size * args.world_size
+    args.num_updates = max(1, args.total_timesteps // args.batch_size)
+    actor_devices = [local_devices[d] for d in args.actor_device_ids]
+    learner_devices = [local_devices[d] for d in args.learner_device_ids]
+    global_learner_devices = [
+        jax.devices()[d + p * len(local_devices)] for p in range(args.world_size) for d in args.learner_device_ids
+    ]
+    mesh = Mesh(np.array(global_learner_devices), ("learner",))
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    )
+
+    key = jax.random.PRNGKey(args.seed)
+    key, network_key, actor_key = jax.random.split(key, 3)
+    envs = make_env(args.env_id, args.seed, 1, args)()
+    network = AgentNetwork(envs.action_space.n, args.eta_embedding_size if args.eta_embedding else 0)
+    params = network.init(network_key, np.array([envs.observation_space.sample()]), jnp.array([args.gamma, args.lambda_]))
+    del envs
+
+    def linear_schedule(count):
+        return args.learning_rate * (1.0 - count / args.num_updates)
+
+    agent_state = TrainState.create(
+        apply_fn=network.apply,
+        params=params,
+        tx=optax.chain(
+            optax.clip_by_global_norm(args.max_grad_norm),
+            optax.rmsprop(
+                linear_schedule if args.anneal_lr else args.learning_rate, decay=args.rmsprop_decay, eps=args.rmsprop_eps
+            ),
+        ),
+    )
+    agent_state = jax.device_put(agent_state, NamedSharding(mesh, P()))
+    meta_state = TrainState.create(
+        apply_fn=None,
+        params=init_meta_params(args),
+        tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
+    )
+    meta_state = jax.device_put(meta_state, NamedSharding(mesh, P()))
+    update_fn = make_learner_step(args, mesh)
+    batch_sharding = NamedSharding(mesh, P(None, "learner"))
+
+    def shard_batch(thread_shards):
+        """Join the actor threads' unrolls on each learner device into one batch sharded along the envs."""
+
+        def join(name):
+            arrays = [
+                jnp.concatenate([shards[name][i] for shards in thread_shards], axis=1) for i in range(len(learner_devices))
+            ]
+            shape = arrays[0].shape
+            global_shape = (shape[0], shape[1] * len(global_learner_devices)) + shape[2:]
+            return jax.make_array_from_single_device_arrays(global_shape, batch_sharding, arrays)
+
+        return Rollout(**{name: join(name) for name in Rollout._fields})
+
+    def local_params(state):
+        return jax.tree.map(lambda x: x.addressable_shards[0].data, state.params)
+
+    def local_eta(meta_state):
+        """The (gamma, lambda) that the policy is conditioned on when it acts."""
+        return conditioning(hyperparameters(local_params(meta_state), args))
+
+    rollout_queues, params_queues = [], []
+    for d_idx, d_id in enumerate(args.actor_device_ids):
+        for thread_id in range(args.num_actor_threads):
+            rollout_queues.append(queue.Queue(maxsize=1))
+            params_queues.append(queue.Queue(maxsize=1))
+            params_queues[-1].put(jax.device_put((local_params(agent_state), local_eta(meta_state)), local_devices[d_id]))
+            actor_key, thread_key = jax.random.split(actor_key)
+            threading.Thread(
+                target=actor_thread,
+                args=(
+                    thread_key,
+                    args,
+                    rollout_queues[-1],
+                    params_queues[-1],
+                    writer,
+                    learner_devices,
+                    d_idx * args.num_actor_threads + thread_id,
+                    local_devices[d_id],
+                ),
+                daemon=True,
+            ).start()
+
+    start_time = time.time()
+    for update in range(1, args.num_updates + 1):
+        items = [q.get() for q in rollout_queues]
+        for item in items:
+            if isinstance(item, BaseException):
+                raise RuntimeError("an actor thread failed") from item
+        global_step = items[0][0]
+        agent_state, meta_state, metrics = update_fn(agent_state, meta_state, shard_batch([shards for _, shards in items]))
+        if update <= args.num_updates - 2:  # rollout k + 2 acts with these params; later rollouts do not exist
+            new_params = (local_params(agent_state), local_eta(meta_state))
+            for d_idx, d_id in enumerate(args.actor_device_ids):
+                for thread_id in range(args.num_actor_threads):
+                    params_queues[d_idx * args.num_actor_threads + thread_id].put(
+                        jax.device_put(new_params, local_devices[d_id])
+                    )
+        if update % args.log_frequency == 0 or update == args.num_updates:
+            sps = int(global_step / (time.time() - start_time))
+            metrics = jax.device_get(metrics)
+            print(
+                f"update {update}/{args.num_updates} global_step={global_step} SPS={sps} "
+                f"loss={metrics['loss']:.4f} entropy={metrics['entropy']:.3f}"
+            )
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar(
+                "charts/learning_rate", linear_schedule(update) if args.anneal_lr else args.learning_rate, global_step
+            )
+            for name, value in metrics.pop("meta").items():
+                writer.add_scalar(f"meta/{name.rstrip('_')}", value, global_step)
+            if "meta_grad_norm" in metrics:
+                writer.add_scalar("meta/grad_norm", metrics.pop("meta_grad_norm"), global_step)
+            for name, value in metrics.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
+        if args.save_model and args.save_every and update % args.save_every == 0 and jax.process_index() == 0:
+            save_model(f"runs/{run_name}/{args.exp_name}.flax_model", args, local_params(agent_state), local_eta(meta_state))
+
+    if args.save_model and jax.process_index() == 0:
+        model_path = f"runs/{run_name}/{args.exp_name}.flax_model"
+        save_model(model_path, args, local_params(agent_state), local_eta(meta_state))
+        print(f"model saved to {model_path}")
+        episodic_returns = evaluate(model_path, args.eval_episodes, seed=args.seed)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        print(f"evaluation over {args.eval_episodes} episodes: mean return {np.mean(episodic_returns):.2f}")
+    writer.close()
