@@ -1,17 +1,21 @@
-"""Learner update time of drmg.py against qr_impala.py on the same batch, in one run.
+"""Learner update time of qr_impala.py, drmg.py, mg.py and stacx.py on the same batch, in one run.
 
-    python benchmark/drmg_update_time.py --env-id Breakout-v5 --num-envs 128
+    python benchmark/update_time.py --env-id Breakout-v5 --num-envs 128
+    python benchmark/update_time.py --env-id Breakout-v5 --scripts mg stacx
 
-Both jitted learner steps (one device) get the same random batch of the environment's shapes; compilation is excluded.
-drmg's step differentiates through one inner RMSProp step twice (two inner/outer loops); the paper's budget is about 3x.
+Every jitted learner step (one device) gets the same random batch of the environment's shapes; compilation is
+excluded. drmg.py and mg.py differentiate through one inner RMSProp step twice (two inner/outer loops; DrMG's budget
+is about 3x its QR base); stacx.py does it once on the whole batch (STAC's default) for its 3 heads.
 """
 
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
@@ -21,7 +25,11 @@ from jax.sharding import Mesh
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import drmg  # noqa: E402
+import mg  # noqa: E402
 import qr_impala  # noqa: E402
+import stacx  # noqa: E402
+
+MODULES = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
 
 
 @dataclass
@@ -34,20 +42,28 @@ class Args:
     """unroll length"""
     repeats: int = 5
     """timed updates of each script"""
-    meta_learn: str = "all"
-    """drmg.py's --meta-learn"""
+    scripts: List[str] = field(default_factory=lambda: ["qr_impala", "drmg", "mg", "stacx"])
+    """the scripts to time, in this order"""
+    stacx_two_halves: bool = False
+    """stacx.py's --two-halves (the siblings' scheme) instead of the same batch for inner and outer loss"""
 
 
 def time_update(module, args: Args, batch, num_actions: int):
     script_args = module.Args(env_id=args.env_id, num_steps=args.num_steps)
-    if module is drmg:
-        script_args.meta_learn = args.meta_learn
-    network = module.AgentNetwork(num_actions, script_args.num_quantiles)
-    params = network.init(jax.random.PRNGKey(0), batch.obs[0])
+    if module is qr_impala or module is drmg:
+        network = module.AgentNetwork(num_actions, script_args.num_quantiles)
+        params = network.init(jax.random.PRNGKey(0), batch.obs[0])
+    elif module is mg:
+        network = mg.AgentNetwork(num_actions, script_args.eta_embedding_size)
+        params = network.init(jax.random.PRNGKey(0), batch.obs[0], jnp.array([script_args.gamma, script_args.lambda_]))
+    else:
+        script_args.two_halves = args.stacx_two_halves
+        network = stacx.AgentNetwork(num_actions, script_args.num_heads)
+        params = network.init(jax.random.PRNGKey(0), batch.obs[0])
     tx = optax.chain(optax.clip_by_global_norm(40.0), optax.rmsprop(6e-4, decay=0.99, eps=0.01))
     states = [TrainState.create(apply_fn=network.apply, params=params, tx=tx)]
-    if module is drmg:
-        states.append(TrainState.create(apply_fn=None, params=drmg.init_meta_params(script_args), tx=optax.adam(1e-3)))
+    if module is not qr_impala:
+        states.append(TrainState.create(apply_fn=None, params=module.init_meta_params(script_args), tx=optax.adam(1e-3)))
     step = module.make_learner_step(script_args, Mesh(np.array(jax.devices()[:1]), ("learner",)))
     jax.block_until_ready(step(*states, batch))  # compile
     times = []
@@ -74,9 +90,10 @@ if __name__ == "__main__":
         truncations=np.zeros((T, B), np.float32),
         resets=np.zeros((T, B), np.float32),
     )
-    qr_time = time_update(qr_impala, args, qr_impala.Rollout(**batch), num_actions)
-    drmg_time = time_update(drmg, args, drmg.Rollout(**batch), num_actions)
+    times = {name: time_update(MODULES[name], args, MODULES[name].Rollout(**batch), num_actions) for name in args.scripts}
     print(f"device {jax.devices()[0].device_kind}; {args.env_id}, batch {T} steps x {B} envs, median of {args.repeats}")
-    print(f"qr_impala.py learner update: {qr_time * 1000:.1f} ms")
-    print(f"drmg.py learner update (--meta-learn {args.meta_learn}): {drmg_time * 1000:.1f} ms")
-    print(f"ratio drmg / qr_impala: {drmg_time / qr_time:.2f}")
+    for name, seconds in times.items():
+        print(f"{name}.py learner update: {seconds * 1000:.1f} ms")
+    for a, b in [("drmg", "qr_impala"), ("mg", "qr_impala"), ("stacx", "mg"), ("drmg", "mg")]:
+        if a in times and b in times:
+            print(f"ratio {a} / {b}: {times[a] / times[b]:.2f}")

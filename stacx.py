@@ -1,0 +1,772 @@
+"""STACX: Self-Tuning Actor-Critic with auxiliary heads (Zahavy et al., NeurIPS 2020; survey ../shared/papers/002).
+
+mg.py without the eta-embedding, plus STACX: auxiliary policy-value heads on the shared torso (only the main head
+acts), each head k with its own meta-parameters eta_k = {gamma, lambda, g_v, g_p, g_e, alpha_rho, alpha_c}, |eta| = 7
+per head; an inner loss that sums every head's g_v L_V + g_p L_pi + g_e L_H on its leaky-v-trace targets; an outer
+loss on the main head alone, g'_v L_V + g'_p L_pi + g'_e L_H + g'_kl KL(pi_theta' || pi_theta) with plain v-trace and
+eta' = (gamma', lambda'); one inner step theta' = theta + update(grad L_in(tau, theta, eta)) differentiated through
+(Xu et al. eq. 1-2). Inner and outer loss use the same batch, as STAC does (--two-halves: the siblings' scheme).
+
+    python stacx.py --env-id Breakout-v5
+    python stacx.py --env-id Breakout-v5 --num-heads 1      # STAC: the main head alone
+    python stacx.py --env-id Breakout-v5 --two-halves       # inner and outer loss on different halves, as drmg.py
+"""
+
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import List, Literal, NamedTuple, Optional, Sequence
+
+# Actors and the learner share the accelerator with EnvPool; do not let XLA take all of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+
+import envpool
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    save_model: bool = False
+    """whether to save the model (params and args) to `runs/{run_name}` and evaluate it at the end"""
+    save_every: int = 0
+    """also save the model every this many learner updates (0: only at the end)"""
+    eval_episodes: int = 10
+    """number of episodes of the evaluation of the saved model"""
+    log_frequency: int = 10
+    """print progress and log losses every this many learner updates"""
+
+    # Environment
+    env_id: str = "Breakout-v5"
+    """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`) or a JAX environment module"""
+    max_episode_steps: int = 27000
+    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, paper 000 §5.2)"""
+    noop_max: int = 30
+    """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
+    envpool_threads: int = 0
+    """EnvPool worker threads per actor thread (0: EnvPool's default)"""
+
+    # Algorithm
+    total_timesteps: int = 50_000_000
+    """total agent steps (200M frames at action repeat 4)"""
+    learning_rate: float = 6e-4
+    """RMSProp learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    local_num_envs: int = 64
+    """environments per actor thread"""
+    num_actor_threads: int = 2
+    """actor threads per actor device"""
+    num_steps: int = 20
+    """unroll length of a rollout"""
+    num_heads: int = 3
+    """policy-value heads on the shared torso: the main head and num_heads - 1 auxiliary ones (STACX's 3)"""
+    gamma: float = 0.99
+    """initial discount factor of every head (in (0, 1) when it learns)"""
+    lambda_: float = 0.99
+    """initial trace-bootstrapping lambda of every head (in (0, 1) when it learns)"""
+    alpha_rho: float = 0.99
+    """initial leaky v-trace alpha_rho of every head, on the TD errors (in (0, 1) when it learns)"""
+    alpha_c: float = 0.99
+    """initial leaky v-trace alpha_c of every head, on the traces; the return uses min(alpha_c, alpha_rho)"""
+    rho_bar: float = 1.0
+    """v-trace clipping threshold of the importance ratios on the TD errors"""
+    c_bar: float = 1.0
+    """v-trace clipping threshold of the importance ratios on the traces"""
+    pg_rho_bar: float = 1.0
+    """clipping threshold of the importance ratio of the policy gradient"""
+    value_coef: float = 0.25
+    """g'_v, reference weight of the value loss 0.5 (G - v)^2; the inner g_v is g'_v x sigmoid(logit) (STAC's 0.25)"""
+    policy_coef: float = 1.0
+    """g'_p, reference weight of the policy-gradient loss; the inner g_p is g'_p x sigmoid(logit)"""
+    ent_coef: float = 0.01
+    """g'_e, reference weight of the entropy bonus; the inner g_e is g'_e x sigmoid(logit)"""
+    kl_coef: float = 1.0
+    """g'_kl, weight of KL(pi_theta' || pi_theta) in the outer loss"""
+    max_grad_norm: float = 40.0
+    """the maximum norm of the gradient"""
+    rmsprop_eps: float = 0.01
+    """epsilon of RMSProp (inside the square root)"""
+    rmsprop_decay: float = 0.99
+    """decay of RMSProp"""
+
+    # Meta-gradient
+    meta_learn: Literal["all", "none"] = "all"
+    """which meta-parameters learn: all (every head's eta) or none (fixed hyperparameters)"""
+    weight_init: float = 0.99
+    """initial sigmoid of the loss-weight logits, so g = g' x weight_init (STAC's 0.99)"""
+    two_halves: bool = False
+    """inner loss on one half of the batch and outer loss on the other, twice, as drmg.py (STAC: the same batch)"""
+    outer_gamma: float = 0.995
+    """gamma' of the outer loss (STAC's Atari choice)"""
+    outer_lambda: float = 1.0
+    """lambda' of the outer loss (STAC's Atari choice)"""
+    meta_learning_rate: float = 1e-3
+    """Adam learning rate of the meta-parameter logits (paper: not given; our choice)"""
+    meta_grad_clip: float = 0.1
+    """clip the meta-gradient to this global norm (paper: not given; our choice)"""
+
+    # Devices
+    actor_device_ids: List[int] = field(default_factory=lambda: [0])
+    """the (local) device ids that actor threads use"""
+    learner_device_ids: List[int] = field(default_factory=lambda: [0])
+    """the (local) device ids that the learner shards its batch across"""
+    distributed: bool = False
+    """initialise `jax.distributed` to train with several processes or hosts"""
+
+    # to be filled in runtime
+    local_batch_size: int = 0
+    """the learner batch on this process (envs x steps)"""
+    batch_size: int = 0
+    """the learner batch over all processes (envs x steps)"""
+    num_updates: int = 0
+    """the number of learner updates"""
+    world_size: int = 0
+    """the number of processes"""
+
+
+def make_env(env_id: str, seed: int, num_envs: int, args: Args):
+    """EnvPool with the DrMG Atari setting (paper 000 §5.2); JAX environments (`snake_jax`, ...) by module name."""
+
+    def thunk():
+        if env_id.endswith("_jax"):
+            return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
+        kwargs = {}
+        if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
+            kwargs = dict(
+                episodic_life=False,
+                reward_clip=False,  # the learner clips; the game score is logged unclipped
+                repeat_action_probability=0.0,
+                noop_max=args.noop_max,
+                max_episode_steps=args.max_episode_steps,
+                stack_num=4,
+                img_height=84,
+                img_width=84,
+                gray_scale=True,
+                frame_skip=4,
+            )
+        return envpool.make(
+            env_id,
+            env_type="gym",
+            num_envs=num_envs,
+            batch_size=num_envs,
+            num_threads=args.envpool_threads,
+            seed=seed,
+            **kwargs,
+        )
+
+    return thunk
+
+
+def check_args(args: Args):
+    """Fail before anything is written, with a message that says what to change."""
+    if not args.env_id.endswith("_jax") and args.env_id not in envpool.list_all_envs():
+        close = difflib.get_close_matches(args.env_id, envpool.list_all_envs(), n=5)
+        raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool ids close to it: {close}")
+    if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
+        raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
+    num_splits = (2 if args.two_halves else 1) * len(args.learner_device_ids)
+    if (args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)) % num_splits:
+        raise SystemExit("envs per process must split evenly over the learner devices (and into two halves with --two-halves)")
+    if min(args.num_heads, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
+        raise SystemExit("--num-heads, --num-steps, --local-num-envs and --num-actor-threads must be positive")
+    sigmoids = [args.gamma, args.lambda_, args.alpha_rho, args.alpha_c, args.weight_init]
+    if not all(0 <= x <= 1 for x in sigmoids):
+        raise SystemExit("--gamma, --lambda_, --alpha-rho, --alpha-c and --weight-init must lie in [0, 1]")
+    if args.meta_learn == "all" and not all(0 < x < 1 for x in sigmoids):
+        raise SystemExit(
+            "learnt --gamma, --lambda_, --alpha-rho, --alpha-c, --weight-init are sigmoids: they must lie in (0, 1)"
+        )
+
+
+class ResidualBlock(nn.Module):
+    channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        inputs = x
+        x = nn.relu(x)
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        return x + inputs
+
+
+class ConvSequence(nn.Module):
+    channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+        x = ResidualBlock(self.channels)(x)
+        return ResidualBlock(self.channels)(x)
+
+
+class Torso(nn.Module):
+    """IMPALA's deep ResNet for image observations (C, H, W); a two-layer MLP for vector observations."""
+
+    @nn.compact
+    def __call__(self, x):
+        if x.dtype == jnp.uint8:
+            x = x.astype(jnp.float32) / 255.0
+        if x.ndim == 4:
+            x = jnp.transpose(x, (0, 2, 3, 1))
+            for channels in (16, 32, 32):
+                x = ConvSequence(channels)(x)
+            x = nn.relu(x).reshape((x.shape[0], -1))
+            return nn.relu(nn.Dense(256)(x))
+        x = nn.relu(nn.Dense(256)(x))
+        return nn.relu(nn.Dense(256)(x))
+
+
+class AgentNetwork(nn.Module):
+    """Policy logits [..., H, A] and values [..., H] of the H policy-value heads on one torso; head 0 is the main one."""
+
+    num_actions: int
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, obs):
+        hidden = Torso()(obs)
+        logits = nn.Dense(self.num_heads * self.num_actions, kernel_init=nn.initializers.orthogonal(0.01))(hidden)
+        value = nn.Dense(self.num_heads, kernel_init=nn.initializers.orthogonal(1.0))(hidden)
+        return logits.reshape(logits.shape[:-1] + (self.num_heads, self.num_actions)), value
+
+
+def main_head(logits):
+    """The logits of the main head, the only one that acts: [..., H, A] -> [..., A]."""
+    return logits[..., 0, :]
+
+
+class Rollout(NamedTuple):
+    """Time-major unroll of T steps; `obs` has T + 1 entries, the last one for bootstrapping."""
+
+    obs: jnp.ndarray  # [T + 1, B, ...]
+    actions: jnp.ndarray  # [T, B]
+    behaviour_logits: jnp.ndarray  # [T, B, A]
+    rewards: jnp.ndarray  # [T, B], unclipped
+    terminations: jnp.ndarray  # [T, B], the episode terminated at this step
+    truncations: jnp.ndarray  # [T, B], the episode was cut by the time limit at this step
+    resets: jnp.ndarray  # [T, B], EnvPool reset the env at this step: no real transition, the action was ignored
+
+
+def leaky_vtrace(
+    values,
+    bootstrap_value,
+    rewards,
+    discounts,
+    trace_masks,
+    log_rhos,
+    gamma,
+    lambda_,
+    alpha_rho,
+    alpha_c,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    pg_rho_bar: float = 1.0,
+):
+    """Lambda-return with leaky v-trace (Zahavy et al. 2020, §3; IMPALA eq. 1 when alpha_rho = alpha_c = 1), and its
+    policy-gradient advantage.
+
+    rho_t = alpha_rho min(rho-bar, pi/mu) + (1 - alpha_rho) pi/mu on the TD errors and the advantage (as rlax),
+    c_t = lambda [alpha_c min(c-bar, pi/mu) + (1 - alpha_c) pi/mu] on the traces; contraction needs alpha_rho >= alpha_c.
+    values V(S_t), rewards, discounts (0 where the episode ends by termination at t, else 1), trace_masks (0 where the
+    traces must stop at t: a truncation; else 1), log_rhos log pi/mu: [T, B]; bootstrap_value V(S_T): [B]; gamma,
+    lambda_, alpha_rho, alpha_c: scalars. Values and importance ratios are stop-gradiented; the hyperparameters stay
+    differentiable. Returns (G [T, B], advantages [T, B]).
+    """
+    values, bootstrap_value = jax.lax.stop_gradient((values, bootstrap_value))
+    rhos = jnp.exp(jax.lax.stop_gradient(log_rhos))
+    clipped_rhos = alpha_rho * jnp.minimum(rho_bar, rhos) + (1 - alpha_rho) * rhos
+    cs = lambda_ * trace_masks * (alpha_c * jnp.minimum(c_bar, rhos) + (1 - alpha_c) * rhos)
+    gammas = gamma * discounts  # [T, B]
+    next_values = jnp.concatenate([values[1:], bootstrap_value[None]], axis=0)
+    deltas = clipped_rhos * (rewards + gammas * next_values - values)
+
+    def backward(acc, xs):
+        delta, gamma_t, c_t = xs
+        acc = delta + gamma_t * c_t * acc
+        return acc, acc
+
+    _, corrections = jax.lax.scan(backward, jnp.zeros_like(bootstrap_value), (deltas, gammas, cs), reverse=True)
+    returns = values + corrections  # IMPALA eq. 1 with the leaky ratios
+    # G_t = r_t + gamma [(1 - lambda) V(S_t+1) + lambda G_t+1] (DrMG eq. 9, first line); at the end of the unroll
+    # and where traces stop, bootstrap from V(S_t+1) alone.
+    lambdas = lambda_ * trace_masks
+    next_returns = jnp.concatenate([returns[1:], bootstrap_value[None]], axis=0)
+    q_estimates = rewards + gammas * ((1 - lambdas) * next_values + lambdas * next_returns)
+    pg_rhos = alpha_rho * jnp.minimum(pg_rho_bar, rhos) + (1 - alpha_rho) * rhos
+    pg_advantages = pg_rhos * (q_estimates - values)  # IMPALA §4.2, leaky
+    return returns, pg_advantages
+
+
+def split_halves(rollout: Rollout):
+    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (paper 000 §5.2)."""
+    half = rollout.actions.shape[1] // 2
+    return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
+
+
+def logit(p):
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def init_meta_params(args: Args):
+    """Logits of every head's eta_k = {gamma, lambda, g_v, g_p, g_e, alpha_rho, alpha_c}: vectors over heads, |eta| = 7 H."""
+    h = args.num_heads
+    return dict(
+        gamma=jnp.full((h,), logit(args.gamma)),
+        lambda_=jnp.full((h,), logit(args.lambda_)),
+        g_v=jnp.full((h,), logit(args.weight_init)),
+        g_p=jnp.full((h,), logit(args.weight_init)),
+        g_e=jnp.full((h,), logit(args.weight_init)),
+        alpha_rho=jnp.full((h,), logit(args.alpha_rho)),
+        alpha_c=jnp.full((h,), logit(args.alpha_c)),
+    )
+
+
+def hyperparameters(meta_params, args: Args):
+    """Every head's eta from its logits (no gradient with --meta-learn none): weights g = g' sigmoid(logit), and
+    alpha_c kept at most alpha_rho."""
+    sigmoid = {k: jax.nn.sigmoid(v if args.meta_learn == "all" else jax.lax.stop_gradient(v)) for k, v in meta_params.items()}
+    return dict(
+        gamma=sigmoid["gamma"],
+        lambda_=sigmoid["lambda_"],
+        g_v=args.value_coef * sigmoid["g_v"],
+        g_p=args.policy_coef * sigmoid["g_p"],
+        g_e=args.ent_coef * sigmoid["g_e"],
+        alpha_rho=sigmoid["alpha_rho"],
+        alpha_c=jnp.minimum(sigmoid["alpha_c"], sigmoid["alpha_rho"]),
+    )
+
+
+def reference_hyperparameters(args: Args):
+    """eta' of the outer loss, for the main head: fixed gamma', lambda', plain v-trace and the reference weights."""
+    return dict(
+        gamma=jnp.asarray([args.outer_gamma]),
+        lambda_=jnp.asarray([args.outer_lambda]),
+        g_v=jnp.asarray([args.value_coef]),
+        g_p=jnp.asarray([args.policy_coef]),
+        g_e=jnp.asarray([args.ent_coef]),
+        alpha_rho=jnp.ones(1),
+        alpha_c=jnp.ones(1),
+    )
+
+
+def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args, num_heads: int):
+    """L = sum over the first num_heads heads k of g_v,k L_V,k + g_p,k L_pi,k - g_e,k H_k, each head on its own
+    leaky-v-trace targets with its own eta_k (STAC's inner loss, summed over STACX's heads). eta: vectors over heads."""
+    num_steps, num_envs = rollout.actions.shape
+    logits, values = apply_fn(params, rollout.obs.reshape((-1,) + rollout.obs.shape[2:]))
+    logits = logits.reshape(num_steps + 1, num_envs, -1, logits.shape[-1])[:-1, :, :num_heads]  # [T, B, H, A]
+    values = values.reshape(num_steps + 1, num_envs, -1)[..., :num_heads]  # [T + 1, B, H]
+    log_pi = jax.nn.log_softmax(logits)
+    actions = jnp.broadcast_to(rollout.actions[..., None, None], log_pi.shape[:-1] + (1,))
+    log_pi_a = jnp.take_along_axis(log_pi, actions, axis=-1)[..., 0]  # [T, B, H]
+    log_mu_a = jnp.take_along_axis(jax.nn.log_softmax(rollout.behaviour_logits), rollout.actions[..., None], axis=-1)
+    # A reset step is no transition: it must not bootstrap into the new episode nor enter the losses.
+    valid = 1.0 - rollout.resets
+    discounts = (1.0 - rollout.terminations) * valid
+    trace_masks = 1.0 - rollout.truncations
+    head_vtrace = jax.vmap(leaky_vtrace, in_axes=(2, 1, None, None, None, 2, 0, 0, 0, 0, None, None, None), out_axes=2)
+    returns, pg_advantages = head_vtrace(
+        values[:-1],
+        values[-1],
+        jnp.clip(rollout.rewards, -1.0, 1.0),  # reward clipping for learning
+        discounts,
+        trace_masks,
+        log_pi_a - log_mu_a,  # every head's policy against the main head's behaviour
+        eta["gamma"],
+        eta["lambda_"],
+        eta["alpha_rho"],
+        eta["alpha_c"],
+        args.rho_bar,
+        args.c_bar,
+        args.pg_rho_bar,
+    )
+    # Means over all T x B entries (reset steps count as zeros) keep the loss additive across devices and halves.
+    value_losses = jnp.mean(valid[..., None] * 0.5 * (returns - values[:-1]) ** 2, axis=(0, 1))  # [H]
+    # The advantage is built from stop-gradiented values and ratios: no gradient to theta, but eta's gradient stays.
+    policy_losses = -jnp.mean(valid[..., None] * pg_advantages * log_pi_a, axis=(0, 1))
+    entropies = jnp.mean(valid[..., None] * -jnp.sum(jax.nn.softmax(logits) * log_pi, axis=-1), axis=(0, 1))
+    loss = jnp.sum(eta["g_p"] * policy_losses - eta["g_e"] * entropies + eta["g_v"] * value_losses)
+    metrics = dict(loss=loss, value_loss=value_losses[0], policy_loss=policy_losses[0], entropy=entropies[0])
+    return loss, (metrics, logits[:, :, 0])
+
+
+def kl_divergence(logits_p, logits_q, valid):
+    """KL(p || q) of the categorical policies, averaged over the valid steps (counted over all T x B)."""
+    log_p, log_q = jax.nn.log_softmax(logits_p), jax.nn.log_softmax(logits_q)
+    return jnp.mean(valid * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+
+def outer_loss(meta_params, agent_state: TrainState, inner: Rollout, outer: Rollout, args: Args, axis_name: Optional[str]):
+    """g'_v L_V + g'_p L_pi + g'_e L_H + g'_kl KL(pi_theta' || pi_theta) of the main head at theta', plain v-trace with
+    gamma', lambda' (STAC's outer loss), after one inner step theta' = theta + update(grad L_in(tau, theta, eta))
+    (Xu et al. eq. 1-2). Also returns the inner gradient, so that the real update of theta uses the very same one.
+    """
+    grads, (metrics, logits) = jax.grad(impala_loss, has_aux=True)(
+        agent_state.params, agent_state.apply_fn, inner, hyperparameters(meta_params, args), args, args.num_heads
+    )
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)  # theta' is the same on every learner device
+    updates, _ = agent_state.tx.update(grads, agent_state.opt_state, agent_state.params)
+    params_prime = optax.apply_updates(agent_state.params, updates)  # eq. 1, through RMSProp
+    loss, (_, logits_prime) = impala_loss(
+        params_prime, agent_state.apply_fn, outer, reference_hyperparameters(args), args, 1
+    )  # J', eq. 2
+    if outer is not inner:  # with the same batch (STAC), the inner loss has already computed pi_theta on it
+        logits, _ = agent_state.apply_fn(agent_state.params, outer.obs[:-1].reshape((-1,) + outer.obs.shape[2:]))
+        logits = main_head(logits).reshape(logits_prime.shape)
+    kl = kl_divergence(logits_prime, jax.lax.stop_gradient(logits), 1.0 - outer.resets)
+    loss = loss + args.kl_coef * kl
+    return loss, (grads, dict(metrics, outer_loss=loss, outer_kl=kl))
+
+
+def learner_step(
+    agent_state: TrainState, meta_state: TrainState, rollout: Rollout, args: Args, axis_name: Optional[str] = "learner"
+):
+    """One gradient step and, unless --meta-learn none, one meta step; inner and outer loss on this device's whole
+    batch (STAC), or with --two-halves on (inner tau1, outer tau2) and (inner tau2, outer tau1), gradients averaged."""
+    grads, meta_grads, metrics = None, None, []
+    tau1, tau2 = split_halves(rollout)
+    loops = ((tau1, tau2), (tau2, tau1)) if args.two_halves else ((rollout, rollout),)
+    for inner, outer in loops:
+        if args.meta_learn == "none":
+            half_grads, (half_metrics, _) = jax.grad(impala_loss, has_aux=True)(
+                agent_state.params, agent_state.apply_fn, inner, hyperparameters(meta_state.params, args), args, args.num_heads
+            )
+        else:
+            half_meta_grads, (half_grads, half_metrics) = jax.grad(outer_loss, has_aux=True)(
+                meta_state.params, agent_state, inner, outer, args, axis_name
+            )
+            meta_grads = half_meta_grads if meta_grads is None else jax.tree.map(jnp.add, meta_grads, half_meta_grads)
+        grads = half_grads if grads is None else jax.tree.map(jnp.add, grads, half_grads)
+        metrics.append(half_metrics)
+    grads = jax.tree.map(lambda g: g / len(loops), grads)
+    metrics = jax.tree.map(lambda *m: sum(m) / len(loops), *metrics)
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if meta_grads is not None:
+        meta_grads = jax.tree.map(lambda g: g / len(loops), meta_grads)
+        if axis_name is not None:
+            meta_grads = jax.lax.pmean(meta_grads, axis_name)
+        metrics["meta_grad_norm"] = optax.global_norm(meta_grads)
+        meta_state = meta_state.apply_gradients(grads=meta_grads)
+    metrics["meta"] = hyperparameters(meta_state.params, args)
+    return agent_state.apply_gradients(grads=grads), meta_state, metrics
+
+
+def make_learner_step(args: Args, mesh: Mesh):
+    """Jit `learner_step`, the batch sharded along envs over the learner devices and the train states replicated."""
+    sharded = jax.shard_map(
+        partial(learner_step, args=args),
+        mesh=mesh,
+        in_specs=(P(), P(), P(None, "learner")),
+        out_specs=(P(), P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(sharded)
+
+
+class SummaryWriter:
+    """TensorBoard scalars and text through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
+
+    def __init__(self, log_dir: str):
+        self.writer = EventFileWriter(log_dir)
+        self.lock = threading.Lock()
+
+    def add_scalar(self, tag: str, value, step: int):
+        self.write(summary_pb2.Summary.Value(tag=tag, simple_value=float(value)), step)
+
+    def add_text(self, tag: str, text: str, step: int = 0):
+        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
+        )
+        self.write(summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
+
+    def write(self, value: summary_pb2.Summary.Value, step: int):
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
+        with self.lock:  # actor threads and the learner write to the same file
+            self.writer.add_event(event)
+
+    def close(self):
+        self.writer.close()
+
+
+def save_model(path: str, args: Args, params):
+    """Write params and args atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "wb") as f:
+        f.write(flax.serialization.to_bytes({"args": json.dumps(asdict(args)), "params": jax.device_get(params)}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def load_model(path: str):
+    """Return (args, params) written by `save_model`."""
+    with open(path, "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    return Args(**json.loads(saved["args"])), saved["params"]
+
+
+def evaluate(model_path: str, eval_episodes: int, seed: int = 0, greedy: bool = False):
+    """Run the saved policy for `eval_episodes` episodes, one env each; return their unclipped returns."""
+    args, params = load_model(model_path)
+    envs = make_env(args.env_id, seed, eval_episodes, args)()
+    network = AgentNetwork(envs.action_space.n, args.num_heads)
+    act = jax.jit(lambda p, o, k: jax.random.categorical(k, main_head(network.apply(p, o)[0])))
+    act_greedy = jax.jit(lambda p, o: jnp.argmax(main_head(network.apply(p, o)[0]), axis=-1))
+    key = jax.random.PRNGKey(seed)
+    obs, _ = envs.reset()
+    returns, episodic_returns = np.zeros(eval_episodes), np.full(eval_episodes, np.nan)
+    while np.isnan(episodic_returns).any():
+        key, subkey = jax.random.split(key)
+        actions = act_greedy(params, obs) if greedy else act(params, obs, subkey)
+        obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions))
+        returns += reward
+        done = (terminated | truncated) & np.isnan(episodic_returns)
+        episodic_returns[done] = returns[done]
+    return episodic_returns
+
+
+def rollout(
+    key: jax.random.PRNGKey,
+    args: Args,
+    rollout_queue: queue.Queue,
+    params_queue: queue.Queue,
+    writer: SummaryWriter,
+    learner_devices: Sequence[jax.Device],
+    device_thread_id: int,
+    actor_device: jax.Device,
+):
+    """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`."""
+    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)()
+    network = AgentNetwork(envs.action_space.n, args.num_heads)
+    num_envs = args.local_num_envs
+
+    @jax.jit
+    def get_action(params, obs, key):
+        logits = main_head(network.apply(params, obs)[0])  # only the main head acts
+        key, subkey = jax.random.split(key)
+        return jax.random.categorical(subkey, logits), logits, key
+
+    episode_returns, returned_episode_returns = np.zeros(num_envs), deque(maxlen=100)
+    obs, _ = envs.reset()
+    reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
+    global_step = 0
+    for update in range(1, args.num_updates + 1):
+        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule):
+        # rollouts 1 and 2 use the initial params; the learner computes update k - 1 while rollout k runs.
+        if update != 2:
+            params = params_queue.get()
+        storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
+        finished_returns, finished_lengths = [], []
+        for _ in range(args.num_steps):
+            actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
+            actions = np.asarray(actions)
+            storage["obs"].append(obs)
+            storage["actions"].append(actions)
+            storage["behaviour_logits"].append(logits)
+            storage["resets"].append(reset_next)
+            obs, reward, terminated, truncated, info = envs.step(actions)
+            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
+            storage["rewards"].append(reward)
+            storage["terminations"].append(terminated)
+            storage["truncations"].append(truncated)
+            episode_returns += reward
+            done = terminated | truncated
+            finished_returns += list(episode_returns[done])
+            finished_lengths += list(info["elapsed_step"][done])
+            episode_returns[done] = 0.0
+            reset_next = done
+        storage["obs"].append(obs)
+        global_step += args.num_steps * num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
+        # Stack and send each learner device its share of the envs now, while the learner is busy.
+        shards = {}
+        for name, values in storage.items():
+            values = np.stack([np.asarray(v) for v in values])
+            values = values.astype(np.float32) if values.dtype == bool else values
+            shards[name] = [
+                jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
+            ]
+        rollout_queue.put((global_step, shards))
+        if device_thread_id == 0 and finished_returns:
+            returned_episode_returns.extend(finished_returns)
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
+
+
+def actor_thread(*fn_args):
+    """Run `rollout`, handing any exception to the learner so that it fails loudly instead of waiting forever."""
+    rollout_queue = fn_args[2]
+    try:
+        rollout(*fn_args)
+    except BaseException as e:  # noqa: B902
+        rollout_queue.put(e)
+        raise
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    if args.distributed:
+        jax.distributed.initialize()
+    local_devices = jax.local_devices()
+    args.world_size = jax.process_count()
+    args.local_batch_size = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.num_steps
+    args.batch_size = args.local_batch_size * args.world_size
+    args.num_updates = max(1, args.total_timesteps // args.batch_size)
+    actor_devices = [local_devices[d] for d in args.actor_device_ids]
+    learner_devices = [local_devices[d] for d in args.learner_device_ids]
+    global_learner_devices = [
+        jax.devices()[d + p * len(local_devices)] for p in range(args.world_size) for d in args.learner_device_ids
+    ]
+    mesh = Mesh(np.array(global_learner_devices), ("learner",))
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    )
+
+    key = jax.random.PRNGKey(args.seed)
+    key, network_key, actor_key = jax.random.split(key, 3)
+    envs = make_env(args.env_id, args.seed, 1, args)()
+    network = AgentNetwork(envs.action_space.n, args.num_heads)
+    params = network.init(network_key, np.array([envs.observation_space.sample()]))
+    del envs
+
+    def linear_schedule(count):
+        return args.learning_rate * (1.0 - count / args.num_updates)
+
+    agent_state = TrainState.create(
+        apply_fn=network.apply,
+        params=params,
+        tx=optax.chain(
+            optax.clip_by_global_norm(args.max_grad_norm),
+            optax.rmsprop(
+                linear_schedule if args.anneal_lr else args.learning_rate, decay=args.rmsprop_decay, eps=args.rmsprop_eps
+            ),
+        ),
+    )
+    agent_state = jax.device_put(agent_state, NamedSharding(mesh, P()))
+    meta_state = TrainState.create(
+        apply_fn=None,
+        params=init_meta_params(args),
+        tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
+    )
+    meta_state = jax.device_put(meta_state, NamedSharding(mesh, P()))
+    update_fn = make_learner_step(args, mesh)
+    batch_sharding = NamedSharding(mesh, P(None, "learner"))
+
+    def shard_batch(thread_shards):
+        """Join the actor threads' unrolls on each learner device into one batch sharded along the envs."""
+
+        def join(name):
+            arrays = [
+                jnp.concatenate([shards[name][i] for shards in thread_shards], axis=1) for i in range(len(learner_devices))
+            ]
+            shape = arrays[0].shape
+            global_shape = (shape[0], shape[1] * len(global_learner_devices)) + shape[2:]
+            return jax.make_array_from_single_device_arrays(global_shape, batch_sharding, arrays)
+
+        return Rollout(**{name: join(name) for name in Rollout._fields})
+
+    def local_params(state):
+        return jax.tree.map(lambda x: x.addressable_shards[0].data, state.params)
+
+    rollout_queues, params_queues = [], []
+    for d_idx, d_id in enumerate(args.actor_device_ids):
+        for thread_id in range(args.num_actor_threads):
+            rollout_queues.append(queue.Queue(maxsize=1))
+            params_queues.append(queue.Queue(maxsize=1))
+            params_queues[-1].put(jax.device_put(local_params(agent_state), local_devices[d_id]))
+            actor_key, thread_key = jax.random.split(actor_key)
+            threading.Thread(
+                target=actor_thread,
+                args=(
+                    thread_key,
+                    args,
+                    rollout_queues[-1],
+                    params_queues[-1],
+                    writer,
+                    learner_devices,
+                    d_idx * args.num_actor_threads + thread_id,
+                    local_devices[d_id],
+                ),
+                daemon=True,
+            ).start()
+
+    start_time = time.time()
+    for update in range(1, args.num_updates + 1):
+        items = [q.get() for q in rollout_queues]
+        for item in items:
+            if isinstance(item, BaseException):
+                raise RuntimeError("an actor thread failed") from item
+        global_step = items[0][0]
+        agent_state, meta_state, metrics = update_fn(agent_state, meta_state, shard_batch([shards for _, shards in items]))
+        if update <= args.num_updates - 2:  # rollout k + 2 acts with these params; later rollouts do not exist
+            new_params = local_params(agent_state)
+            for d_idx, d_id in enumerate(args.actor_device_ids):
+                for thread_id in range(args.num_actor_threads):
+                    params_queues[d_idx * args.num_actor_threads + thread_id].put(
+                        jax.device_put(new_params, local_devices[d_id])
+                    )
+        if update % args.log_frequency == 0 or update == args.num_updates:
+            sps = int(global_step / (time.time() - start_time))
+            metrics = jax.device_get(metrics)
+            print(
+                f"update {update}/{args.num_updates} global_step={global_step} SPS={sps} "
+                f"loss={metrics['loss']:.4f} entropy={metrics['entropy']:.3f}"
+            )
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar(
+                "charts/learning_rate", linear_schedule(update) if args.anneal_lr else args.learning_rate, global_step
+            )
+            for name, value in metrics.pop("meta").items():
+                for k, entry in enumerate(value):
+                    writer.add_scalar(f"meta/head{k}/{name.rstrip('_')}", entry, global_step)
+            if "meta_grad_norm" in metrics:
+                writer.add_scalar("meta/grad_norm", metrics.pop("meta_grad_norm"), global_step)
+            for name, value in metrics.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
+        if args.save_model and args.save_every and update % args.save_every == 0 and jax.process_index() == 0:
+            save_model(f"runs/{run_name}/{args.exp_name}.flax_model", args, local_params(agent_state))
+
+    if args.save_model and jax.process_index() == 0:
+        model_path = f"runs/{run_name}/{args.exp_name}.flax_model"
+        save_model(model_path, args, local_params(agent_state))
+        print(f"model saved to {model_path}")
+        episodic_returns = evaluate(model_path, args.eval_episodes, seed=args.seed)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        print(f"evaluation over {args.eval_episodes} episodes: mean return {np.mean(episodic_returns):.2f}")
+    writer.close()
