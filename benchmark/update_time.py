@@ -4,8 +4,9 @@
     python benchmark/update_time.py --env-id Breakout-v5 --scripts mg stacx
 
 Every jitted learner step (one device) gets the same random batch of the environment's shapes; compilation is
-excluded. drmg.py and mg.py differentiate through one inner RMSProp step twice (two inner/outer loops; DrMG's budget
-is about 3x its QR base); stacx.py does it once on the whole batch (STAC's default) for its 3 heads.
+excluded and the timed calls of the scripts are interleaved. drmg.py and mg.py differentiate through one inner RMSProp
+step twice (two inner/outer loops; DrMG's budget is about 3x its QR base); stacx.py does it once on the whole batch
+(STAC's default) for its 3 heads.
 """
 
 import os
@@ -48,7 +49,8 @@ class Args:
     """stacx.py's --two-halves (the siblings' scheme) instead of the same batch for inner and outer loss"""
 
 
-def time_update(module, args: Args, batch, num_actions: int):
+def compiled_update(module, args: Args, batch, num_actions: int):
+    """The script's jitted learner step on one device, compiled, as a function of nothing."""
     script_args = module.Args(env_id=args.env_id, num_steps=args.num_steps)
     if module is qr_impala or module is drmg:
         network = module.AgentNetwork(num_actions, script_args.num_quantiles)
@@ -66,12 +68,7 @@ def time_update(module, args: Args, batch, num_actions: int):
         states.append(TrainState.create(apply_fn=None, params=module.init_meta_params(script_args), tx=optax.adam(1e-3)))
     step = module.make_learner_step(script_args, Mesh(np.array(jax.devices()[:1]), ("learner",)))
     jax.block_until_ready(step(*states, batch))  # compile
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*states, batch))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return lambda: jax.block_until_ready(step(*states, batch))
 
 
 if __name__ == "__main__":
@@ -90,7 +87,16 @@ if __name__ == "__main__":
         truncations=np.zeros((T, B), np.float32),
         resets=np.zeros((T, B), np.float32),
     )
-    times = {name: time_update(MODULES[name], args, MODULES[name].Rollout(**batch), num_actions) for name in args.scripts}
+    updates = {
+        name: compiled_update(MODULES[name], args, MODULES[name].Rollout(**batch), num_actions) for name in args.scripts
+    }
+    samples = {name: [] for name in args.scripts}
+    for _ in range(args.repeats):  # interleaved, so that a change in the machine's load hits every script alike
+        for name, update in updates.items():
+            start = time.perf_counter()
+            update()
+            samples[name].append(time.perf_counter() - start)
+    times = {name: float(np.median(seconds)) for name, seconds in samples.items()}
     print(f"device {jax.devices()[0].device_kind}; {args.env_id}, batch {T} steps x {B} envs, median of {args.repeats}")
     for name, seconds in times.items():
         print(f"{name}.py learner update: {seconds * 1000:.1f} ms")
