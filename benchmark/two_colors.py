@@ -1,0 +1,264 @@
+"""Figure 1 of the DrMG paper (paper 000 §5.1): DrMG, MG and QR on the two-colors grid world, whose key rewards swap
+every 1e5 environment steps. Does the agent that learns a return distribution re-adapt faster after a swap?
+
+Runs `qr_impala.py` (QR), `drmg.py` (DrMG) and `mg.py` (MG) as subprocesses on `--env-id two_colors_jax` with the same
+hyperparameters and several seeds (one actor thread, so that every logged episode counts and the global step counter of
+the environment is the scripts' `global_step`), reads `charts/episodic_return` from their TensorBoard logs, and writes
+    benchmark/results/two_colors.csv           mean episodic return per seed and step bin
+    benchmark/results/two_colors_toggles.csv   re-adaptation measures per algorithm, seed and toggle
+    benchmark/results/two_colors.png           the curves (mean over seeds, min-max band), toggles marked
+Re-adaptation measures, for each toggle at step t (averaged over the toggles at t >= --first-scored-toggle, after the
+agents have learnt the task), on the returns binned by --bin-steps:
+    pre        mean return over [t - window, t)
+    after      mean return over the whole period [t, t + toggle_period): higher means a faster re-adaptation (the area
+               of the curve after the swap)
+    dip        lowest binned return in [t, t + window)
+    recovery   steps after t until a binned return reaches --recovered-level (NaN in the CSV, the whole period in the
+               means: not before the next toggle)
+    peak       highest binned return between t and the next toggle (the paper: "DrMG achieves peaks with
+               substantially higher return")
+`colour` says which key is worth 0.7 after the toggle (0 before the first toggle, then 1, 0, ...).
+
+Run (matplotlib is a benchmark-only dependency, imported only for the plot):
+    nice -n 10 python benchmark/two_colors.py --seeds 1 2 3          # runs what is missing, then tables and plot
+    python benchmark/two_colors.py --no-run                          # tables and plot from the runs already there
+"""
+
+import csv
+import glob
+import shlex
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELS = {"drmg": "DrMG", "mg": "MG", "qr_impala": "QR"}
+
+
+@dataclass
+class Args:
+    algorithms: List[str] = field(default_factory=lambda: ["drmg", "mg", "qr_impala"])
+    """the scripts to compare (file names without .py)"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """one run per algorithm and seed"""
+    total_timesteps: int = 600_000
+    """environment steps per run: 6 periods of 1e5, 5 toggles"""
+    toggle_period: int = 100_000
+    """the key rewards swap every this many environment steps (paper: 1e5); passed as TWO_COLORS_TOGGLE_PERIOD"""
+    flags: str = (
+        "--local-num-envs 8 --num-actor-threads 1 --num-steps 16 --learning-rate 2e-3 --rmsprop-eps 1e-5 --no-anneal-lr "
+        "--log-frequency 100"
+    )
+    """the hyperparameters shared by every script (the rest are each script's defaults); pass as --flags='...'"""
+    meta_flags: str = ""
+    """appended for the meta-gradient scripts only (drmg, mg), e.g. --meta-flags='--meta-learning-rate 1e-2'"""
+    runs_dir: str = os.path.join(ROOT, "runs", "two_colors_benchmark")
+    """each run works in runs_dir/{algorithm}_seed{seed}; a run whose log reaches total_timesteps is not run again"""
+    run: bool = True
+    """run what is missing (--no-run: only tables and plot)"""
+    jobs: int = 1
+    """runs at the same time"""
+    bin_steps: int = 5_000
+    """episodic returns are averaged in bins of this many environment steps"""
+    window: int = 20_000
+    """steps before / after a toggle for the `pre` and `dip` measures"""
+    first_scored_toggle: int = 200_000
+    """toggles before this step fall while the agents are still learning the task: reported, not averaged"""
+    recovered_level: float = 1.45
+    """`recovery`: a binned return at this level counts as re-adapted (a colour-aware agent gets about 1.6 minus 0.01 per
+    extra move, one that goes for the 0.3 key about 1.2)"""
+    out_dir: str = os.path.join(ROOT, "benchmark", "results")
+    """where the CSVs and the plot go"""
+
+
+def run_dir_of(args: Args, algorithm: str, seed: int) -> str:
+    return os.path.join(args.runs_dir, f"{algorithm}_seed{seed}")
+
+
+def episodic_returns(work_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(global steps, episodic returns) of the latest TensorBoard log under work_dir/runs."""
+    logs = sorted(glob.glob(os.path.join(work_dir, "runs", "*")), key=os.path.getmtime)
+    if not logs:
+        return np.zeros(0), np.zeros(0)
+    accumulator = EventAccumulator(logs[-1], size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if "charts/episodic_return" not in accumulator.Tags()["scalars"]:
+        return np.zeros(0), np.zeros(0)
+    events = accumulator.Scalars("charts/episodic_return")
+    return np.array([e.step for e in events]), np.array([e.value for e in events])
+
+
+def command(args: Args, algorithm: str, seed: int) -> list[str]:
+    return [
+        *["nice", "-n", "10", sys.executable, os.path.join(ROOT, f"{algorithm}.py")],
+        *["--env-id", "two_colors_jax", "--seed", str(seed), "--total-timesteps", str(args.total_timesteps)],
+        *shlex.split(args.flags),
+        *(shlex.split(args.meta_flags) if algorithm != "qr_impala" else []),
+    ]
+
+
+def run_missing(args: Args):
+    todo = []
+    for seed in args.seeds:
+        for algorithm in args.algorithms:
+            steps, _ = episodic_returns(run_dir_of(args, algorithm, seed))
+            # a finished run logs its last episodes in the final unroll
+            if not len(steps) or steps[-1] < args.total_timesteps - args.bin_steps:
+                todo.append((algorithm, seed))
+    env = dict(os.environ, TWO_COLORS_TOGGLE_PERIOD=str(args.toggle_period), JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    running = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            algorithm, seed = todo.pop(0)
+            work_dir = run_dir_of(args, algorithm, seed)
+            os.makedirs(work_dir, exist_ok=True)
+            cmd = command(args, algorithm, seed)
+            print(f"[{time.strftime('%H:%M:%S')}] start {algorithm} seed {seed}: {' '.join(cmd)}", flush=True)
+            log = open(os.path.join(work_dir, "stdout.log"), "w")
+            running.append(
+                (
+                    algorithm,
+                    seed,
+                    time.time(),
+                    log,
+                    subprocess.Popen(cmd, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT),
+                )
+            )
+        time.sleep(2)
+        for item in list(running):
+            algorithm, seed, start, log, process = item
+            if process.poll() is not None:
+                log.close()
+                running.remove(item)
+                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}), see {log.name}"
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {status}: {algorithm} seed {seed} in {time.time() - start:.0f} s",
+                    flush=True,
+                )
+
+
+def binned(steps: np.ndarray, values: np.ndarray, bin_steps: int, total: int) -> np.ndarray:
+    """Mean of the values logged in each bin [k * bin_steps, (k + 1) * bin_steps); NaN where none was."""
+    num_bins = total // bin_steps
+    index = np.minimum(steps // bin_steps, num_bins - 1).astype(int)
+    sums, counts = np.zeros(num_bins), np.zeros(num_bins)
+    np.add.at(sums, index, values)
+    np.add.at(counts, index, 1)
+    with np.errstate(invalid="ignore"):
+        return sums / counts
+
+
+def toggle_measures(curve: np.ndarray, args: Args) -> list[dict]:
+    """The re-adaptation measures of one binned curve at every toggle."""
+    rows = []
+    bins_per_window, bins_per_period = args.window // args.bin_steps, args.toggle_period // args.bin_steps
+    for toggle in range(args.toggle_period, args.total_timesteps, args.toggle_period):
+        k = toggle // args.bin_steps
+        pre = np.nanmean(curve[k - bins_per_window : k])
+        period = curve[k : k + bins_per_period]
+        recovered = np.flatnonzero(period >= args.recovered_level)
+        rows.append(
+            dict(
+                toggle=toggle,
+                colour=(toggle // args.toggle_period) % 2,
+                pre=pre,
+                after=np.nanmean(period),
+                dip=np.nanmin(period[:bins_per_window]),
+                recovery=(recovered[0] + 1) * args.bin_steps if len(recovered) else np.nan,
+                peak=np.nanmax(period),
+            )
+        )
+    return rows
+
+
+def plot(path: str, bins: np.ndarray, curves: dict, args: Args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for algorithm, runs in curves.items():
+        runs = np.stack(runs)
+        line = ax.plot(bins, np.nanmean(runs, axis=0), label=f"{LABELS.get(algorithm, algorithm)} ({len(runs)} seeds)")[0]
+        ax.fill_between(bins, np.nanmin(runs, axis=0), np.nanmax(runs, axis=0), color=line.get_color(), alpha=0.2)
+    for toggle in range(args.toggle_period, args.total_timesteps, args.toggle_period):
+        ax.axvline(toggle, color="grey", linestyle="--", linewidth=0.8)
+    for start in range(0, args.total_timesteps, args.toggle_period):  # which key is worth 0.7 in each period
+        colour = (start // args.toggle_period) % 2
+        ax.text(start + args.toggle_period / 2, 1.02, f"0.7: key {colour}", transform=ax.get_xaxis_transform(), ha="center")
+    ax.axhline(1.5, color="black", linestyle=":", linewidth=0.8, label="1.5: either key, no step penalty")
+    ax.set_xlabel("environment steps (dashed: the key rewards swap)")
+    ax.set_ylabel(f"episodic return (mean of {args.bin_steps} step bins)")
+    ax.set_title("two-colors grid world (paper 000, Figure 1): mean over seeds, band min-max", pad=22)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args: Args):
+    warnings.simplefilter("ignore", RuntimeWarning)  # means of empty slices (no toggle of a group, a run never recovered)
+    if args.run:
+        run_missing(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    bins = (np.arange(args.total_timesteps // args.bin_steps) + 0.5) * args.bin_steps
+    curves, toggle_rows = {}, []
+    with open(os.path.join(args.out_dir, "two_colors.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algorithm", "seed", "step", "episodic_return"])
+        for algorithm in args.algorithms:
+            for seed in args.seeds:
+                steps, values = episodic_returns(run_dir_of(args, algorithm, seed))
+                if not len(steps):
+                    print(f"no log for {algorithm} seed {seed}")
+                    continue
+                curve = binned(steps, values, args.bin_steps, args.total_timesteps)
+                curves.setdefault(algorithm, []).append(curve)
+                writer.writerows([algorithm, seed, int(b), f"{v:.4f}"] for b, v in zip(bins, curve))
+                toggle_rows += [dict(algorithm=algorithm, seed=seed, **row) for row in toggle_measures(curve, args)]
+    names = ["pre", "after", "dip", "recovery", "peak"]
+    with open(os.path.join(args.out_dir, "two_colors_toggles.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, ["algorithm", "seed", "toggle", "colour", *names])
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in toggle_rows)
+    print(f"toggles at steps >= {args.first_scored_toggle}: mean over toggles and seeds (± std over seeds of per-seed means)")
+    print(f"{'':16s}" + "".join(f"{name:>17s}" for name in names))
+    for algorithm in curves:
+        scored = [r for r in toggle_rows if r["algorithm"] == algorithm and r["toggle"] >= args.first_scored_toggle]
+        for group, rows in [("all", scored)] + [(f"to colour {c}", [r for r in scored if r["colour"] == c]) for c in (0, 1)]:
+            cells = []
+            for name in names:
+                # a run that never re-adapts before the next toggle counts as taking the whole period
+                values = {
+                    s: [
+                        args.toggle_period if name == "recovery" and np.isnan(r[name]) else r[name]
+                        for r in rows
+                        if r["seed"] == s
+                    ]
+                    for s in args.seeds
+                }
+                per_seed = [np.nanmean(values[s] or [np.nan]) for s in args.seeds]
+                digits = 0 if name == "recovery" else 3
+                cells.append(f"{np.nanmean(per_seed):8.{digits}f} ±{np.nanstd(per_seed):7.{digits}f}")
+            unrecovered = sum(np.isnan(r["recovery"]) for r in rows)
+            label = f"{LABELS.get(algorithm, algorithm)} {group}"
+            print(f"{label:16s}" + "".join(f"{c:>17s}" for c in cells) + f"  never recovered: {unrecovered}/{len(rows)}")
+    try:
+        path = os.path.join(args.out_dir, "two_colors.png")
+        plot(path, bins, curves, args)
+        print(f"saved {path}")
+    except ImportError:
+        print("matplotlib is not installed: no plot (the CSVs are written)")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
