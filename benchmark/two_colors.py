@@ -26,8 +26,8 @@ Run (matplotlib is a benchmark-only dependency, imported only for the plot):
 
 import csv
 import glob
-import shlex
 import os
+import shlex
 import subprocess
 import sys
 import time
