@@ -19,7 +19,7 @@ agents have learnt the task), on the returns binned by --bin-steps:
                substantially higher return")
 `colour` says which key is worth 0.7 after the toggle (0 before the first toggle, then 1, 0, ...).
 
-Run (matplotlib is a benchmark-only dependency, imported only for the plot):
+Run (matplotlib, from requirements.txt, is imported only for the plot):
     nice -n 10 python benchmark/two_colors.py --seeds 1 2 3          # runs what is missing, then tables and plot
     python benchmark/two_colors.py --no-run                          # tables and plot from the runs already there
 """
