@@ -1,0 +1,812 @@
+"""n-step and kappa-mixed meta-gradients for A2C (Bonnet et al., "One Step at a Time", ../shared/papers/003).
+
+A2C whose hyperparameters eta = {gamma, lambda, c_crit, c_entr} are meta-learnt. At every update, from theta_t, n inner
+updates with the same eta_t, each on a fresh rollout collected with the current inner parameters (eq. 5); the outer
+loss (policy gradient with fixed gamma', lambda') at theta_t^(n) gives the n-step meta-gradient, or, with --mix, the
+kappa-weighted mixture of the outer losses at theta_t^(1), ..., theta_t^(n) gives the mixed one (eq. 10). theta_{t+1} =
+theta_t^(1): the agent's own update never changes, only the meta-gradient does. --inner-steps 0 is A2C with fixed eta.
+
+On `snake_jax` (the default) the whole run is jitted: rollouts, inner updates and meta-updates sit in a `lax.scan`, and
+the look-ahead rollouts step a copy of the environment state (a pure value), chained: tau^(j+1) starts where tau^(j)
+stopped; the real environments then continue from where the real rollout tau^(0) stopped. EnvPool state cannot be
+copied, so for EnvPool ids the look-ahead rollouts step the real environments, which then continue from there (the
+look-ahead steps are real interaction; `global_step` counts only the rollouts theta learns from, and episodes logged
+there may span several look-ahead policies). The meta-gradient is then computed in one jitted call from the n + 1
+stored rollouts, with the same function as on Snake.
+
+    python mix_metagrad.py --inner-steps 3                          # 3-step meta-gradient on Snake
+    python mix_metagrad.py --inner-steps 5 --mix                    # 5-mix, kappa = 1 - 1/5 (eq. 10)
+    python mix_metagrad.py --inner-steps 0                          # baseline: fixed hyperparameters
+    python mix_metagrad.py --inner-steps 1 --variance-points 10     # + meta-gradient std of every estimator (Table 1)
+    python mix_metagrad.py --env-id CartPole-v1 --inner-steps 3 --mix
+"""
+
+import difflib
+import importlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Callable, List, NamedTuple, Optional
+
+import envpool
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+import snake_jax
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    save_model: bool = False
+    """whether to save the model (params, meta-parameters and args) to `runs/{run_name}` at the end"""
+    log_frequency: int = 50
+    """updates per jitted chunk of the training scan; progress is printed and logged after each chunk"""
+
+    # Environment
+    env_id: str = "snake_jax"
+    """`snake_jax` (pure JAX, the whole loop jitted) or an EnvPool id (`CartPole-v1`, `Breakout-v5`, ...)"""
+    board_size: int = 12
+    """Snake: side of the board (paper 003 App. B.2: 12)"""
+    max_episode_steps: int = 5000
+    """episodes are truncated after this many agent steps (Snake: 5000, App. B.2)"""
+    noop_max: int = 30
+    """Atari: up to this many no-op actions at the start of an episode"""
+
+    # Algorithm (paper 003 Table 2, Snake column)
+    total_timesteps: int = 20_000_000
+    """agent steps of the real rollouts (paper: not given; our choice)"""
+    learning_rate: float = 6e-4
+    """Adam learning rate alpha of the inner update"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    num_envs: int = 32
+    """parallel environments: the batch size (and the meta batch size) of Table 2"""
+    num_steps: int = 20
+    """unroll length of a rollout (paper: not given; our choice)"""
+    gamma: float = 0.99
+    """initial discount factor gamma"""
+    lambda_: float = 0.99
+    """initial lambda of the lambda-return"""
+    crit_coef: float = 0.5
+    """initial critic loss weight c_crit"""
+    ent_coef: float = 0.01
+    """initial entropy bonus weight c_entr"""
+    max_grad_norm: float = 10.0
+    """clip the inner gradient to this global norm"""
+    adam_eps: float = 1e-8
+    """epsilon of Adam (outside the square root)"""
+    adam_eps_root: float = 1e-8
+    """epsilon of Adam inside the square root: keeps the meta-gradient through Adam finite (must be > 0)"""
+
+    # Meta-gradient
+    inner_steps: int = 1
+    """n, the inner updates the meta-gradient looks ahead through (eq. 5); 0: fixed hyperparameters (the baseline)"""
+    mix: bool = False
+    """mix the i-step meta-gradients, i = 1..n, with weights kappa^(i-1) (eq. 10)"""
+    kappa: Optional[float] = None
+    """kappa of eq. 10 in [0, 1]; default: (1 - kappa)^-1 = n"""
+    outer_gamma: float = 0.99
+    """gamma' of the outer loss"""
+    outer_lambda: float = 0.99
+    """lambda' of the outer loss"""
+    meta_learning_rate: float = 1e-3
+    """Adam learning rate beta of the meta-parameter logits"""
+    meta_grad_clip: float = 0.1
+    """clip the meta-gradient to this global norm"""
+
+    # Variance mode (Table 1, second row; snake_jax only)
+    variance_points: int = 0
+    """K: points, evenly spread along the run, at which the meta-gradient std of every estimator is measured (0: off)"""
+    variance_samples: int = 96
+    """M: meta-gradients per point and estimator (paper: 96 at 300 points)"""
+    variance_batch: int = 1
+    """meta-gradients computed at once (vmapped) while measuring the variance: each chain has its own parameters, so
+    vmapping turns the convolutions into grouped ones, very slow on CPU; raise it on a GPU"""
+    variance_nstep: List[int] = field(default_factory=lambda: [1, 3, 5, 10])
+    """n-step estimators whose std is measured (Table 1); 1 must be among them (the normaliser)"""
+    variance_mix: List[int] = field(default_factory=lambda: [3, 5])
+    """n-mix estimators (eq. 10, kappa = 1 - 1/n) whose std is measured (Table 1)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch of one rollout (envs x steps)"""
+    num_updates: int = 0
+    """the number of updates of theta"""
+
+
+def make_env(env_id: str, seed: int, num_envs: int, args: Args):
+    """EnvPool (Atari: raw game score, no life loss, 84x84x4 grey frames); `snake_jax` does not come through here."""
+
+    def thunk():
+        kwargs = {}
+        if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
+            kwargs = dict(
+                episodic_life=False,
+                reward_clip=False,  # the learner clips; the game score is logged unclipped
+                repeat_action_probability=0.0,
+                noop_max=args.noop_max,
+                max_episode_steps=args.max_episode_steps,
+                stack_num=4,
+                img_height=84,
+                img_width=84,
+                gray_scale=True,
+                frame_skip=4,
+            )
+        return envpool.make(env_id, env_type="gym", num_envs=num_envs, batch_size=num_envs, seed=seed, **kwargs)
+
+    return thunk
+
+
+def check_args(args: Args):
+    """Fail before anything is written, with a message that says what to change."""
+    if args.env_id != "snake_jax" and args.env_id not in envpool.list_all_envs():
+        close = difflib.get_close_matches(args.env_id, envpool.list_all_envs() + ["snake_jax"], n=5)
+        raise SystemExit(f"unknown --env-id {args.env_id!r}; ids close to it: {close}")
+    if args.inner_steps < 0:
+        raise SystemExit("--inner-steps must be >= 0 (0: fixed hyperparameters)")
+    if args.mix and args.inner_steps < 1:
+        raise SystemExit("--mix needs --inner-steps >= 1")
+    if args.kappa is not None and not (0 <= args.kappa <= 1):
+        raise SystemExit("--kappa must lie in [0, 1]")
+    if args.kappa is not None and not args.mix:
+        raise SystemExit("--kappa only applies with --mix")
+    if min(args.num_envs, args.num_steps, args.log_frequency, args.variance_samples, args.variance_batch) < 1:
+        raise SystemExit("--num-envs, --num-steps, --log-frequency, --variance-samples and --variance-batch must be positive")
+    if args.variance_samples < 2:
+        raise SystemExit("--variance-samples must be at least 2 (a standard deviation)")
+    if args.variance_points and args.env_id != "snake_jax":
+        raise SystemExit("--variance-points needs copies of the environment state: only --env-id snake_jax")
+    if args.variance_points < 0:
+        raise SystemExit("--variance-points must be >= 0")
+    if args.variance_points and (1 not in args.variance_nstep or min(args.variance_nstep + args.variance_mix) < 1):
+        raise SystemExit("--variance-nstep must contain 1 (the normaliser) and every n must be >= 1")
+    if args.adam_eps_root <= 0 and args.inner_steps > 0:
+        raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
+    for name in ("gamma", "lambda_", "crit_coef", "ent_coef"):
+        if not 0 < getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} is a sigmoid of a logit here: it must lie in (0, 1)")
+    if not (0 <= args.outer_gamma <= 1 and 0 <= args.outer_lambda <= 1):
+        raise SystemExit("--outer-gamma and --outer-lambda must lie in [0, 1]")
+    if args.env_id == "snake_jax" and args.board_size < 2:
+        raise SystemExit("--board-size must be at least 2")
+
+
+def max_pool_2x2(x):
+    """Max-pool, window and stride 2 ("SAME": odd sides padded), as a reshape and a max: on CPU its gradient costs about
+    half of `nn.max_pool`'s (XLA's select-and-scatter)."""
+    _, h, w, _ = x.shape
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Torso(nn.Module):
+    """Paper 003 App. C.3 for images (C, H, W): 2 x (conv 3x3 stride 1, 32 maps + max-pool 2), Dense 40; a 2-layer MLP
+    of width 40 for vector observations."""
+
+    @nn.compact
+    def __call__(self, x):
+        if x.dtype == jnp.uint8:
+            x = x.astype(jnp.float32) / 255.0
+        if x.ndim == 4:
+            x = jnp.transpose(x, (0, 2, 3, 1))
+            for _ in range(2):
+                x = nn.relu(nn.Conv(32, kernel_size=(3, 3), strides=(1, 1), padding="SAME")(x))
+                x = max_pool_2x2(x)
+            x = x.reshape((x.shape[0], -1))
+        else:
+            x = nn.relu(nn.Dense(40)(x))
+        return nn.relu(nn.Dense(40)(x))
+
+
+class AgentNetwork(nn.Module):
+    """Actor head MLP(30, A) and critic head MLP(30, 1) on a shared torso (App. C.3)."""
+
+    num_actions: int
+
+    @nn.compact
+    def __call__(self, obs):
+        hidden = Torso()(obs)
+        logits = nn.Dense(self.num_actions)(nn.relu(nn.Dense(30)(hidden)))
+        value = nn.Dense(1)(nn.relu(nn.Dense(30)(hidden)))[..., 0]
+        return logits, value
+
+
+class Rollout(NamedTuple):
+    """Time-major unroll of T steps; `obs` has T + 1 entries, the last one for bootstrapping. EnvPool's auto-reset rule:
+    the step at which an episode ends returns its final observation, the next step is a reset step (no transition)."""
+
+    obs: jnp.ndarray  # [T + 1, B, ...]
+    actions: jnp.ndarray  # [T, B]
+    rewards: jnp.ndarray  # [T, B], unclipped
+    terminations: jnp.ndarray  # [T, B], the episode terminated at this step
+    truncations: jnp.ndarray  # [T, B], the episode was cut by the time limit at this step
+    resets: jnp.ndarray  # [T, B], the env restarted at this step: no real transition, the action was ignored
+
+
+def lambda_returns(values, bootstrap_value, rewards, discounts, trace_masks, gamma, lambda_):
+    """TD(lambda) returns G_t = r_t + gamma d_t [(1 - lambda m_t) V(S_t+1) + lambda m_t G_t+1] (paper 003 App. C.2).
+
+    values V(S_t): [T, B]; bootstrap_value V(S_T): [B]; rewards, discounts d_t (0 where the episode terminates at t),
+    trace_masks m_t (0 where the traces must stop at t: a truncation, bootstrap from V(S_t+1) alone): [T, B].
+    The caller passes values that carry no gradient to the parameters being trained (see `a2c_loss`); gamma and
+    lambda_ stay differentiable.
+    """
+    next_values = jnp.concatenate([values[1:], bootstrap_value[None]], axis=0)
+
+    def backward(next_return, xs):
+        reward, discount, trace_mask, next_value = xs
+        lambda_t = lambda_ * trace_mask
+        g = reward + gamma * discount * ((1 - lambda_t) * next_value + lambda_t * next_return)
+        return g, g
+
+    _, returns = jax.lax.scan(backward, bootstrap_value, (rewards, discounts, trace_masks, next_values), reverse=True)
+    return returns
+
+
+def a2c_loss(params, apply_fn, rollout: Rollout, eta, target_params=None):
+    """L(theta, eta, tau) of paper 003 App. C.2: policy gradient + c_crit critic loss - c_entr entropy, on lambda-returns.
+
+    The return targets and the advantage's baseline come from `target_params` (default: stop_gradient(params)), so
+    grad_theta treats them as constants while eta stays live in the targets. The inner update passes target_params =
+    theta as a separate argument: its gradient is the same, but the meta-gradient then also sees how theta^(j) moves the
+    targets of step j + 1 (the exact Jacobian of the update map; a stop_gradient would drop that term for n > 1).
+    The outer loss L'(theta', eta', tau') is this function with eta' = {gamma', lambda', c_crit = 0, c_entr = 0} and the
+    default targets: its gradient is the policy-gradient term alone, the advantage a constant (App. C.2).
+    """
+    num_steps, num_envs = rollout.actions.shape
+    obs = rollout.obs.reshape((-1,) + rollout.obs.shape[2:])
+    logits, values = apply_fn(params, obs)
+    logits = logits.reshape(num_steps + 1, num_envs, -1)[:-1]
+    values = values.reshape(num_steps + 1, num_envs)
+    if target_params is None:
+        target_values = jax.lax.stop_gradient(values)
+    else:
+        target_values = apply_fn(target_params, obs)[1].reshape(num_steps + 1, num_envs)
+    log_pi = jax.nn.log_softmax(logits)
+    log_pi_a = jnp.take_along_axis(log_pi, rollout.actions[..., None], axis=-1)[..., 0]
+    # A reset step is no transition: it must not bootstrap into the new episode nor enter the losses.
+    valid = 1.0 - rollout.resets
+    returns = lambda_returns(
+        target_values[:-1],
+        target_values[-1],
+        jnp.clip(rollout.rewards, -1.0, 1.0),
+        (1.0 - rollout.terminations) * valid,
+        1.0 - rollout.truncations,
+        eta["gamma"],
+        eta["lambda_"],
+    )
+    advantages = returns - target_values[:-1]  # g_eta - v: no gradient to theta, eta's stays live
+    policy_loss = -jnp.mean(valid * advantages * log_pi_a)
+    value_loss = 0.5 * jnp.mean(valid * (returns - values[:-1]) ** 2)
+    entropy = jnp.mean(valid * -jnp.sum(jax.nn.softmax(logits) * log_pi, axis=-1))
+    loss = policy_loss + eta["c_crit"] * value_loss - eta["c_entr"] * entropy
+    return loss, dict(loss=loss, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy)
+
+
+def logit(p):
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def init_meta_params(args: Args):
+    """Logits of eta = {gamma, lambda, c_crit, c_entr}, each sigma(logit) starting at its Table 2 value."""
+    return dict(
+        gamma=logit(jnp.asarray(args.gamma, jnp.float32)),
+        lambda_=logit(jnp.asarray(args.lambda_, jnp.float32)),
+        c_crit=logit(jnp.asarray(args.crit_coef, jnp.float32)),
+        c_entr=logit(jnp.asarray(args.ent_coef, jnp.float32)),
+    )
+
+
+def hyperparameters(meta_params):
+    """eta from its logits: every meta-parameter is a sigmoid, in (0, 1)."""
+    return {name: jax.nn.sigmoid(value) for name, value in meta_params.items()}
+
+
+def reference_hyperparameters(args: Args):
+    """eta' of the outer loss: fixed gamma', lambda'; the outer loss is the policy-gradient term alone."""
+    return dict(gamma=args.outer_gamma, lambda_=args.outer_lambda, c_crit=0.0, c_entr=0.0)
+
+
+def mixing_weights(n: int, kappa: Optional[float] = None, mix: bool = True) -> np.ndarray:
+    """Weights of L'(theta^(1)), ..., L'(theta^(n)): eq. 10 with --mix, else the n-step meta-gradient (eq. 5) [0, .., 1].
+
+    Eq. 10: (1 - kappa) / (1 - kappa^n) kappa^(i-1), i.e. kappa^(i-1) / sum_j kappa^(j-1), which also covers kappa = 1
+    (equal weights); kappa defaults to 1 - 1/n, so (1 - kappa)^-1 = n.
+    """
+    if not mix:
+        return np.eye(n)[-1]
+    kappa = 1.0 - 1.0 / n if kappa is None else kappa
+    weights = np.power(float(kappa), np.arange(n, dtype=np.float64))  # 0^0 = 1: kappa = 0 is the 1-step meta-gradient
+    return weights / weights.sum()
+
+
+def make_optimizer(args: Args):
+    """Adam with eps_root > 0 (a finite second derivative for the meta-gradient), global-norm clipping, linear annealing."""
+
+    def linear_schedule(count):
+        return args.learning_rate * (1.0 - count / args.num_updates)
+
+    learning_rate = linear_schedule if args.anneal_lr else args.learning_rate
+    return optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adam(learning_rate, eps=args.adam_eps, eps_root=args.adam_eps_root),
+    )
+
+
+def inner_update(params, opt_state, tx, apply_fn, rollout: Rollout, eta):
+    """theta^(j+1) = theta^(j) + Adam(grad_theta L(theta^(j), eta, tau^(j))) (eq. 5, third line), differentiable in eta."""
+    grads, metrics = jax.grad(a2c_loss, has_aux=True)(params, apply_fn, rollout, eta, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, grads, metrics
+
+
+class FirstStep(NamedTuple):
+    """The first inner update, which is also the real one: theta_{t+1} = theta_t^(1)."""
+
+    params: dict
+    opt_state: tuple
+    grads: dict
+    metrics: dict
+
+
+def lookahead_outer_losses(
+    meta_params, agent_state: TrainState, rollout: Rollout, collect: Callable, collect_carry, n: int, every_step: bool, args
+):
+    """From theta_t^(0) = theta_t and tau^(0) = `rollout`, n inner updates with eta_t, each followed by a fresh rollout
+    tau^(j) ~ pi(theta^(j)) from `collect(stop_gradient(theta^(j)), carry) -> (tau^(j), carry)` (eq. 5).
+
+    Returns the outer losses L'(theta^(i), eta', tau^(i)) for i = 1..n ([n]) when `every_step` (what eq. 10 mixes), else
+    the last one only ([1]); and the first inner update (stop-gradiented).
+    """
+    eta, eta_ref = hyperparameters(meta_params), reference_hyperparameters(args)
+
+    def step(carry, _):
+        params, opt_state, tau, collect_carry = carry
+        params, opt_state, grads, metrics = inner_update(params, opt_state, agent_state.tx, agent_state.apply_fn, tau, eta)
+        tau, collect_carry = collect(jax.lax.stop_gradient(params), collect_carry)
+        outer = a2c_loss(params, agent_state.apply_fn, tau, eta_ref)[0] if every_step else jnp.zeros(())
+        return (params, opt_state, tau, collect_carry), (outer, FirstStep(params, opt_state, grads, metrics))
+
+    init = (agent_state.params, agent_state.opt_state, rollout, collect_carry)
+    (params_n, _, tau_n, _), (outer_losses, steps) = jax.lax.scan(step, init, None, length=n)
+    if not every_step:
+        outer_losses = a2c_loss(params_n, agent_state.apply_fn, tau_n, eta_ref)[0][None]  # L'(theta^(n), eta', tau^(n))
+    first = jax.lax.stop_gradient(jax.tree.map(lambda x: x[0], steps))
+    return outer_losses, first
+
+
+def meta_objective(meta_params, agent_state, rollout, collect, collect_carry, weights, args, every_step=None):
+    """sum_i w_i L'(theta_t^(i)): its eta-gradient is the n-step (eq. 5) or the kappa-mixed (eq. 10) meta-gradient.
+
+    `every_step` (static): evaluate every L'(theta^(i)); by default only when a weight other than the last is non-zero.
+    """
+    every_step = bool(np.count_nonzero(weights[:-1])) if every_step is None else every_step
+    losses, first = lookahead_outer_losses(
+        meta_params, agent_state, rollout, collect, collect_carry, len(weights), every_step, args
+    )
+    weights = jnp.asarray(weights if every_step else weights[-1:], losses.dtype)
+    return jnp.sum(weights * losses), (first, losses)
+
+
+def per_step_meta_gradients(meta_params, agent_state, rollout, collect, collect_carry, n: int, args):
+    """The i-step meta-gradients grad_eta L'(theta^(i)), i = 1..n, of one look-ahead chain: {name: [n]} (forward mode,
+    |eta| = 4 tangents). The n-step one is row n; the kappa-mix one is the eq. 10 weighted sum of rows 1..n."""
+    f = lambda mp: lookahead_outer_losses(mp, agent_state, rollout, collect, collect_carry, n, True, args)[0]
+    return jax.jacfwd(f)(meta_params)
+
+
+def meta_update(agent_state, meta_state, rollout, collect, collect_carry, weights, args):
+    """One real update theta_{t+1} = theta_t^(1) with the same inner gradient, and one meta step on eta's logits."""
+    meta_grads, (first, outer_losses) = jax.grad(meta_objective, has_aux=True)(
+        meta_state.params, agent_state, rollout, collect, collect_carry, weights, args
+    )
+    metrics = dict(first.metrics, grad_norm=optax.global_norm(first.grads), outer_loss=outer_losses[-1])
+    metrics["meta_grad_norm"] = optax.global_norm(meta_grads)
+    agent_state = agent_state.replace(step=agent_state.step + 1, params=first.params, opt_state=first.opt_state)
+    return agent_state, meta_state.apply_gradients(grads=meta_grads), metrics
+
+
+def fixed_update(agent_state, meta_state, rollout, args):
+    """--inner-steps 0: A2C with the initial, fixed eta."""
+    params, opt_state, grads, metrics = inner_update(
+        agent_state.params,
+        agent_state.opt_state,
+        agent_state.tx,
+        agent_state.apply_fn,
+        rollout,
+        hyperparameters(meta_state.params),
+    )
+    agent_state = agent_state.replace(step=agent_state.step + 1, params=params, opt_state=opt_state)
+    return agent_state, meta_state, dict(metrics, grad_norm=optax.global_norm(grads))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Snake: pure environment, the whole loop jitted.
+
+
+class EnvCarry(NamedTuple):
+    """A batch of Snake games and what a rollout needs to continue them: copying it copies the environments."""
+
+    state: snake_jax.SnakeState  # [B]
+    obs: jnp.ndarray  # [B, 5, H, W]
+    reset_now: jnp.ndarray  # [B] the episode ended at the last step: this step restarts it (EnvPool's rule)
+    episode_return: jnp.ndarray  # [B]
+    episode_length: jnp.ndarray  # [B]
+    key: jnp.ndarray
+
+
+def snake_reset(key, num_envs: int, board_size: int) -> EnvCarry:
+    key, reset_key = jax.random.split(key)
+    state, obs = jax.vmap(partial(snake_jax.reset, board_size=board_size))(jax.random.split(reset_key, num_envs))
+    zeros = jnp.zeros(num_envs)
+    return EnvCarry(state, obs, jnp.zeros(num_envs, bool), zeros, zeros, key)
+
+
+def snake_step(state, reset_now, action, max_episode_steps: int):
+    """One move of one game with EnvPool's auto-reset rule, from snake_jax's pure `step` and `reset`: the move that ends
+    an episode returns its final observation (for bootstrapping after a truncation); the next one restarts the game."""
+    stepped, obs, reward, terminated, truncated = snake_jax.step(state, action, max_episode_steps)
+    fresh, fresh_obs = snake_jax.reset(state.key, state.body.shape[-1])
+    state = jax.tree.map(partial(jnp.where, reset_now), fresh, stepped)
+    obs = jnp.where(reset_now, fresh_obs, obs)
+    return state, obs, jnp.where(reset_now, 0.0, reward), terminated & ~reset_now, truncated & ~reset_now
+
+
+def collect_snake(params, apply_fn, carry: EnvCarry, num_steps: int, max_episode_steps: int):
+    """A rollout of `num_steps` moves of every game with pi_theta: (Rollout, carry, episode stats)."""
+
+    def one_step(carry: EnvCarry, _):
+        key, action_key = jax.random.split(carry.key)
+        logits, _ = apply_fn(params, carry.obs)
+        action = jax.random.categorical(action_key, logits)
+        state, obs, reward, terminated, truncated = jax.vmap(partial(snake_step, max_episode_steps=max_episode_steps))(
+            carry.state, carry.reset_now, action
+        )
+        done = terminated | truncated
+        episode_return = carry.episode_return + reward
+        episode_length = carry.episode_length + (~carry.reset_now)
+        stats = (jnp.sum(jnp.where(done, episode_return, 0.0)), jnp.sum(jnp.where(done, episode_length, 0.0)), jnp.sum(done))
+        transition = (carry.obs, action, reward, terminated, truncated, carry.reset_now)
+        carry = EnvCarry(state, obs, done, jnp.where(done, 0.0, episode_return), jnp.where(done, 0.0, episode_length), key)
+        return carry, (transition, stats)
+
+    carry, ((obs, actions, rewards, terminations, truncations, resets), stats) = jax.lax.scan(
+        one_step, carry, None, length=num_steps
+    )
+    to_float = lambda x: x.astype(jnp.float32)
+    rollout = Rollout(
+        jnp.concatenate([obs, carry.obs[None]]),
+        actions,
+        rewards,
+        to_float(terminations),
+        to_float(truncations),
+        to_float(resets),
+    )
+    return rollout, carry, jax.tree.map(jnp.sum, stats)
+
+
+def make_snake_train_chunk(args: Args, weights: Optional[np.ndarray]):
+    """Jit `args.log_frequency` updates in one lax.scan: real rollout, look-ahead on a copy of the games, meta step."""
+    collect = partial(collect_snake, num_steps=args.num_steps, max_episode_steps=args.max_episode_steps)
+
+    def update(carry, _):
+        agent_state, meta_state, env = carry
+        rollout, env, stats = collect(agent_state.params, agent_state.apply_fn, env)
+        if weights is None:
+            agent_state, meta_state, metrics = fixed_update(agent_state, meta_state, rollout, args)
+        else:
+            key, lookahead_key = jax.random.split(env.key)
+            env = env._replace(key=key)
+            lookahead = lambda params, c: collect(params, agent_state.apply_fn, c)[:2]
+            agent_state, meta_state, metrics = meta_update(
+                agent_state, meta_state, rollout, lookahead, env._replace(key=lookahead_key), weights, args
+            )
+        metrics["meta"] = hyperparameters(meta_state.params)
+        return (agent_state, meta_state, env), (metrics, stats)
+
+    @jax.jit
+    def train_chunk(agent_state, meta_state, env):
+        (agent_state, meta_state, env), (metrics, stats) = jax.lax.scan(
+            update, (agent_state, meta_state, env), None, length=args.log_frequency
+        )
+        return agent_state, meta_state, env, jax.tree.map(jnp.mean, metrics), jax.tree.map(jnp.sum, stats)
+
+    return train_chunk
+
+
+def variance_estimators(args: Args):
+    """(n, mix) of every estimator of the variance mode: Table 1's columns by default."""
+    return [(n, False) for n in args.variance_nstep] + [(n, True) for n in args.variance_mix]
+
+
+def make_variance_probe(args: Args):
+    """Jit: M meta-gradient chains of n_max look-ahead steps from the current state, each with its own keys (its own real
+    rollout tau^(0) from a copy of the games, its own look-ahead); returns the i-step meta-gradients, [M, n_max, |eta|]."""
+    collect = partial(collect_snake, num_steps=args.num_steps, max_episode_steps=args.max_episode_steps)
+    n_max = max(n for n, _ in variance_estimators(args))
+
+    @jax.jit
+    def probe(agent_state, meta_params, env: EnvCarry, key):
+        def one(sample_key):
+            rollout_key, lookahead_key = jax.random.split(sample_key)
+            rollout, env_after, _ = collect(agent_state.params, agent_state.apply_fn, env._replace(key=rollout_key))
+            lookahead = lambda params, c: collect(params, agent_state.apply_fn, c)[:2]
+            grads = per_step_meta_gradients(
+                meta_params, agent_state, rollout, lookahead, env_after._replace(key=lookahead_key), n_max, args
+            )
+            return jnp.stack([grads[name] for name in sorted(grads)], axis=-1)
+
+        keys = jax.random.split(key, args.variance_samples)
+        return jax.lax.map(one, keys, batch_size=args.variance_batch)
+
+    return probe
+
+
+def normalised_meta_gradient_std(per_step_grads: np.ndarray, estimators, kappa=None):
+    """Table 1, second row, at one point: per_step_grads [M, n_max, |eta|] -> {estimator: std of each meta-parameter
+    over the M samples divided by the 1-step std, averaged over the meta-parameters}."""
+    per_step_grads = np.asarray(per_step_grads, np.float64)
+    stds = {}
+    for n, mix in estimators:
+        grads = np.einsum("i,mik->mk", mixing_weights(n, kappa, mix), per_step_grads[:, :n])
+        stds[estimator_name(n, mix)] = grads.std(axis=0, ddof=1)
+    base = stds[estimator_name(1, False)]
+    return {name: float(np.mean(std / base)) for name, std in stds.items()}
+
+
+def estimator_name(n: int, mix: bool) -> str:
+    return f"{n}-mix" if mix else f"{n}-step"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EnvPool: the environments step in Python; look-ahead rollouts step the real environments.
+
+
+class EnvPoolCollector:
+    """Roll out EnvPool environments with given params; keeps the environments, the last observation and episode stats."""
+
+    def __init__(self, envs, network: AgentNetwork, num_steps: int, key):
+        self.envs, self.num_steps, self.key = envs, num_steps, key
+        self.obs, _ = envs.reset()
+        num_envs = self.obs.shape[0]
+        self.reset_next = np.zeros(num_envs, dtype=bool)
+        self.episode_return, self.episode_length = np.zeros(num_envs), np.zeros(num_envs)
+        self.finished_returns, self.finished_lengths = [], []
+
+        @jax.jit
+        def act(params, obs, key):
+            key, subkey = jax.random.split(key)
+            return jax.random.categorical(subkey, network.apply(params, obs)[0]), key
+
+        self.act = act
+
+    def __call__(self, params) -> Rollout:
+        storage = dict(obs=[], actions=[], rewards=[], terminations=[], truncations=[], resets=[])
+        for _ in range(self.num_steps):
+            actions, self.key = self.act(params, self.obs, self.key)
+            actions = np.asarray(actions)
+            storage["obs"].append(self.obs)
+            storage["actions"].append(actions)
+            storage["resets"].append(self.reset_next)
+            self.obs, reward, terminated, truncated, info = self.envs.step(actions)
+            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
+            storage["rewards"].append(reward)
+            storage["terminations"].append(terminated)
+            storage["truncations"].append(truncated)
+            self.episode_return += reward
+            self.episode_length += ~self.reset_next
+            done = terminated | truncated
+            self.finished_returns += list(self.episode_return[done])
+            self.finished_lengths += list(self.episode_length[done])
+            self.episode_return[done], self.episode_length[done] = 0.0, 0.0
+            self.reset_next = done
+        storage["obs"].append(self.obs)
+        arrays = {k: np.stack(v) for k, v in storage.items()}
+        arrays = {k: v.astype(np.float32) if v.dtype == bool or k == "rewards" else v for k, v in arrays.items()}
+        return Rollout(**arrays)
+
+    def pop_stats(self):
+        stats = (sum(self.finished_returns), sum(self.finished_lengths), len(self.finished_returns))
+        self.finished_returns, self.finished_lengths = [], []
+        return stats
+
+
+def make_envpool_update(args: Args, weights: Optional[np.ndarray]):
+    """Jitted pieces of one update from stored rollouts: the inner step (to act with theta^(j)) and the meta step, which
+    replays the n inner updates on the n + 1 stored rollouts (the same `meta_update` as on Snake)."""
+
+    @jax.jit
+    def inner_step(agent_state, meta_params, params, opt_state, rollout):
+        eta = hyperparameters(meta_params)
+        return inner_update(params, opt_state, agent_state.tx, agent_state.apply_fn, rollout, eta)[:2]
+
+    @jax.jit
+    def update(agent_state, meta_state, rollouts: Rollout):
+        rollout = jax.tree.map(lambda x: x[0], rollouts)
+        if weights is None:
+            agent_state, meta_state, metrics = fixed_update(agent_state, meta_state, rollout, args)
+        else:
+            stored = lambda params, j: (jax.tree.map(lambda x: x[j], rollouts), j + 1)  # tau^(j), j = 1..n
+            agent_state, meta_state, metrics = meta_update(agent_state, meta_state, rollout, stored, 1, weights, args)
+        metrics["meta"] = hyperparameters(meta_state.params)
+        return agent_state, meta_state, metrics
+
+    return inner_step, update
+
+
+class SummaryWriter:
+    """TensorBoard scalars and text through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
+
+    def __init__(self, log_dir: str):
+        self.writer = EventFileWriter(log_dir)
+
+    def add_scalar(self, tag: str, value, step: int):
+        self.write(summary_pb2.Summary.Value(tag=tag, simple_value=float(value)), step)
+
+    def add_text(self, tag: str, text: str, step: int = 0):
+        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
+        )
+        self.write(summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
+
+    def write(self, value: summary_pb2.Summary.Value, step: int):
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
+        self.writer.add_event(event)
+
+    def close(self):
+        self.writer.close()
+
+
+def save_model(path: str, args: Args, params, meta_params):
+    """Write params, meta-parameter logits and args atomically: a crash mid-write leaves the previous file intact."""
+    tmp_path = f"{path}.tmp"
+    payload = {"args": json.dumps(asdict(args)), "params": jax.device_get(params), "meta_params": jax.device_get(meta_params)}
+    with open(tmp_path, "wb") as f:
+        f.write(flax.serialization.to_bytes(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def load_model(path: str):
+    """Return (args, params, meta_params) written by `save_model`."""
+    with open(path, "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    return Args(**json.loads(saved["args"])), saved["params"], saved["meta_params"]
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_updates = max(1, args.total_timesteps // args.batch_size)
+    if args.env_id == "snake_jax":  # whole jitted chunks: round up to a multiple of --log-frequency
+        args.num_updates = -(-args.num_updates // args.log_frequency) * args.log_frequency
+    weights = None if args.inner_steps == 0 else mixing_weights(args.inner_steps, args.kappa, args.mix)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; meta-gradient weights {weights}")
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    )
+
+    key = jax.random.PRNGKey(args.seed)
+    key, network_key, env_key, probe_key = jax.random.split(key, 4)
+    snake = args.env_id == "snake_jax"
+    if snake:
+        num_actions, sample_obs = snake_jax.NUM_ACTIONS, jnp.zeros(
+            (1, snake_jax.NUM_CHANNELS, args.board_size, args.board_size)
+        )
+    else:
+        envs = make_env(args.env_id, args.seed, args.num_envs, args)()
+        num_actions, sample_obs = envs.action_space.n, np.array([envs.observation_space.sample()])
+    network = AgentNetwork(num_actions)
+    agent_state = TrainState.create(
+        apply_fn=network.apply, params=network.init(network_key, sample_obs), tx=make_optimizer(args)
+    )
+    meta_state = TrainState.create(
+        apply_fn=None,
+        params=init_meta_params(args),
+        tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
+    )
+
+    if snake:
+        env = snake_reset(env_key, args.num_envs, args.board_size)
+        train_chunk = make_snake_train_chunk(args, weights)
+        probe = make_variance_probe(args) if args.variance_points else None
+    else:
+        collector = EnvPoolCollector(envs, network, args.num_steps, env_key)
+        inner_step, envpool_update = make_envpool_update(args, weights)
+
+    num_chunks = -(-args.num_updates // args.log_frequency)
+    probe_chunks = (
+        set(np.linspace(0, num_chunks - 1, args.variance_points).round().astype(int)) if args.variance_points else set()
+    )
+    variance_rows = []
+    returns_history = []
+    global_step, update, start_time = 0, 0, time.time()
+    for chunk in range(num_chunks):
+        if chunk in probe_chunks:
+            probe_key, key_k = jax.random.split(probe_key)
+            per_step = np.asarray(probe(agent_state, meta_state.params, env, key_k))
+            ratios = normalised_meta_gradient_std(per_step, variance_estimators(args))
+            variance_rows.append(ratios)
+            for name, value in ratios.items():
+                writer.add_scalar(f"variance/{name}", value, global_step)
+            print(f"variance at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+        if snake:
+            agent_state, meta_state, env, metrics, stats = train_chunk(agent_state, meta_state, env)
+            metrics, stats = jax.device_get((metrics, stats))
+            update += args.log_frequency
+        else:
+            for _ in range(min(args.log_frequency, args.num_updates - update)):
+                rollouts = [collector(agent_state.params)]
+                params, opt_state = agent_state.params, agent_state.opt_state
+                for _ in range(args.inner_steps):  # look-ahead: act with theta^(j), stepping the real environments
+                    params, opt_state = inner_step(agent_state, meta_state.params, params, opt_state, rollouts[-1])
+                    rollouts.append(collector(params))
+                stacked = jax.tree.map(lambda *x: np.stack(x), *rollouts)
+                agent_state, meta_state, metrics = envpool_update(agent_state, meta_state, stacked)
+                update += 1
+            metrics, stats = jax.device_get(metrics), collector.pop_stats()
+        global_step = update * args.batch_size
+        sps = int(global_step / (time.time() - start_time))
+        return_sum, length_sum, episodes = stats
+        if episodes:
+            returns_history.append((global_step, return_sum / episodes))
+            writer.add_scalar("charts/episodic_return", return_sum / episodes, global_step)
+            writer.add_scalar("charts/episodic_length", length_sum / episodes, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        lr = (
+            args.learning_rate * (1.0 - min(update, args.num_updates) / args.num_updates)
+            if args.anneal_lr
+            else args.learning_rate
+        )
+        writer.add_scalar("charts/learning_rate", lr, global_step)
+        for name, value in metrics.pop("meta").items():
+            writer.add_scalar(f"meta/{name.rstrip('_')}", value, global_step)
+        if "meta_grad_norm" in metrics:
+            writer.add_scalar("meta/grad_norm", metrics.pop("meta_grad_norm"), global_step)
+        for name, value in metrics.items():
+            writer.add_scalar(f"losses/{name}", value, global_step)
+        meta = hyperparameters(meta_state.params)
+        print(
+            f"update {min(update, args.num_updates)}/{args.num_updates} global_step={global_step} SPS={sps} "
+            f"episodic_return={return_sum / max(episodes, 1):.2f} ({int(episodes)} episodes) "
+            + " ".join(f"{k.rstrip('_')}={float(v):.4f}" for k, v in meta.items())
+        )
+
+    if variance_rows:
+        names = list(variance_rows[0])
+        mean = {name: float(np.mean([row[name] for row in variance_rows])) for name in names}
+        std = {name: float(np.std([row[name] for row in variance_rows])) for name in names}
+        print(
+            "normalised meta-gradient std over %d points: " % len(variance_rows)
+            + " ".join(f"{k}={mean[k]:.2f}" for k in names)
+        )
+        with open(f"runs/{run_name}/variance.json", "w") as f:
+            json.dump(dict(points=variance_rows, mean=mean, std_over_points=std), f, indent=1)
+    tail = [r for _, r in returns_history[-max(1, len(returns_history) // 10) :]]
+    print(f"final episodic_return (mean of the last {len(tail)} logs) {np.mean(tail) if tail else float('nan'):.2f}")
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.flax_model"
+        save_model(model_path, args, agent_state.params, meta_state.params)
+        print(f"model saved to {model_path}")
+    writer.close()

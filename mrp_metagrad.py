@@ -1,0 +1,236 @@
+"""Monte Carlo n-step meta-gradients of per-state discounts on a 10-state Markov reward process (paper 003, §3.3, App. B.1,
+C.1; the MRP of Xu et al. 2018).
+
+States s_0 .. s_9 are visited left to right, once per episode; even states give reward 0.1, odd states a reward drawn from
+N(0, 1). A value network v_theta(s_i), MLP(1, 10, 10, 1), learns from the inner target g_eta(s_i) = sum_{j>=i}
+gamma_j^(j-i+1) r_j with one meta-learnt discount gamma_i per state, all starting at 0.5 (App. C.1). The outer loss is
+the MSE to the undiscounted Monte Carlo return, at theta_t^(n) after n inner Adam steps (eq. 5). theta_{t+1} is one
+inner step on one batch (eq. 8); eta_{t+1} follows the meta-gradient averaged over many independent look-ahead chains
+(eq. 9, paper: 256). Odd gamma_i should fall towards 0 (they only add noise) and even gamma_i rise towards 1, faster
+with more inner steps (Fig. 4).
+
+    python mrp_metagrad.py                                  # n = 1, 5, 10; prints the gammas, saves a plot and a CSV
+    python mrp_metagrad.py --inner-steps 1 --num-updates 500 --mc-samples 64
+"""
+
+import csv
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+NUM_STATES = 10
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+
+    # Algorithm (paper 003 Table 2, Markov reward process column)
+    num_updates: int = 2000
+    """updates of theta and eta (paper: not given; our choice)"""
+    learning_rate: float = 1e-3
+    """Adam learning rate alpha of the value network (constant)"""
+    batch_size: int = 32
+    """episodes per batch (inner and outer)"""
+    gamma: float = 0.5
+    """initial value of every per-state discount gamma_i"""
+    noise_std: float = 1.0
+    """standard deviation of the odd states' rewards"""
+    even_reward: float = 0.1
+    """reward of the even states"""
+    adam_eps_root: float = 1e-8
+    """epsilon of Adam inside the square root: keeps the meta-gradient through Adam finite (must be > 0)"""
+
+    # Meta-gradient
+    inner_steps: List[int] = field(default_factory=lambda: [1, 5, 10])
+    """n of the n-step meta-gradient (eq. 5, 9); one run per value"""
+    mc_samples: int = 256
+    """independent look-ahead chains averaged into each meta-gradient (eq. 9)"""
+    meta_learning_rate: float = 2e-3
+    """Adam learning rate beta of the gamma logits"""
+
+
+class ValueNetwork(nn.Module):
+    """MLP(1, 10, 10, 1) on the state index scaled to [0, 1] (the input encoding is our choice)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(10)(x))
+        x = nn.tanh(nn.Dense(10)(x))
+        return nn.Dense(1)(x)[..., 0]
+
+
+def sample_rewards(key, batch_size: int, args: Args):
+    """[B, 10] rewards of one pass through the chain: 0.1 on even states, N(0, noise_std^2) on odd ones (App. B.1)."""
+    noise = args.noise_std * jax.random.normal(key, (batch_size, NUM_STATES))
+    return jnp.where(jnp.arange(NUM_STATES) % 2 == 0, args.even_reward, noise)
+
+
+def discounted_targets(rewards, gammas):
+    """g_eta(s_i) = sum_{j>=i} gamma_j^(j-i+1) r_j (App. C.1): each reward discounted by its own state's gamma."""
+    i, j = jnp.arange(NUM_STATES)[:, None], jnp.arange(NUM_STATES)[None, :]
+    powers = jnp.where(j >= i, gammas[None, :] ** jnp.maximum(j - i + 1, 1), 0.0)  # [i, j]
+    return rewards @ powers.T
+
+
+def monte_carlo_targets(rewards):
+    """g_eta'(s_i) = sum_{j>=i} r_j, the undiscounted return (gamma' = lambda' = 1, App. C.1)."""
+    return jnp.flip(jnp.cumsum(jnp.flip(rewards, -1), -1), -1)
+
+
+def value_loss(params, apply_fn, targets):
+    """MSE 1/2 (g - v_theta(s))^2 over the batch and the states (App. C.1); the targets carry no gradient to theta."""
+    states = jnp.arange(NUM_STATES, dtype=targets.dtype)[:, None] / (NUM_STATES - 1)
+    return 0.5 * jnp.mean((targets - apply_fn(params, states)) ** 2)
+
+
+def inner_update(params, opt_state, tx, apply_fn, rewards, gammas):
+    """theta^(j+1) = theta^(j) + Adam(grad L(theta^(j), eta, tau^(j))) (eq. 5)."""
+    grads = jax.grad(value_loss)(params, apply_fn, discounted_targets(rewards, gammas))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def n_step_outer_loss(gamma_logits, params, opt_state, tx, apply_fn, key, n: int, args: Args):
+    """L'(theta^(n), eta', tau^(n)) after n inner steps with eta, each on a fresh batch (eq. 5); eq. 9's sample."""
+    gammas = jax.nn.sigmoid(gamma_logits)
+    keys = jax.random.split(key, n + 1)
+
+    def step(carry, key):
+        params, opt_state = carry
+        return inner_update(params, opt_state, tx, apply_fn, sample_rewards(key, args.batch_size, args), gammas), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt_state), keys[:n])
+    return value_loss(params, apply_fn, monte_carlo_targets(sample_rewards(keys[n], args.batch_size, args)))
+
+
+def monte_carlo_meta_gradient(gamma_logits, params, opt_state, tx, apply_fn, key, n: int, args: Args):
+    """grad_eta E[L'(theta^(n))] (eq. 9): the mean of `mc_samples` independent n-step meta-gradients."""
+    grad_fn = jax.grad(n_step_outer_loss)
+    keys = jax.random.split(key, args.mc_samples)
+    grads = jax.vmap(lambda k: grad_fn(gamma_logits, params, opt_state, tx, apply_fn, k, n, args))(keys)
+    return jnp.mean(grads, axis=0)
+
+
+def make_train(args: Args, n: int):
+    """Jit the whole run for one n: (key) -> per-update gammas [U, 10] and inner/outer losses [U]."""
+    network = ValueNetwork()
+    tx = optax.adam(args.learning_rate, eps_root=args.adam_eps_root)
+    meta_tx = optax.adam(args.meta_learning_rate)
+
+    @jax.jit
+    def train(key):
+        key, init_key = jax.random.split(key)
+        params = network.init(init_key, jnp.zeros((1, 1)))
+        gamma_logits = jnp.full(NUM_STATES, jnp.log(args.gamma) - jnp.log1p(-args.gamma))
+        carry = (params, tx.init(params), gamma_logits, meta_tx.init(gamma_logits))
+
+        def update(carry, key):
+            params, opt_state, gamma_logits, meta_opt_state = carry
+            batch_key, meta_key, eval_key = jax.random.split(key, 3)
+            meta_grad = monte_carlo_meta_gradient(gamma_logits, params, opt_state, tx, network.apply, meta_key, n, args)
+            rewards = sample_rewards(batch_key, args.batch_size, args)
+            inner = value_loss(params, network.apply, discounted_targets(rewards, jax.nn.sigmoid(gamma_logits)))
+            params, opt_state = inner_update(
+                params, opt_state, tx, network.apply, rewards, jax.nn.sigmoid(gamma_logits)
+            )  # eq. 8
+            meta_updates, meta_opt_state = meta_tx.update(meta_grad, meta_opt_state)
+            gamma_logits = optax.apply_updates(gamma_logits, meta_updates)
+            # the agent's error against the true values E[sum_{j>=i} r_j]
+            true_values = monte_carlo_targets(jnp.where(jnp.arange(NUM_STATES) % 2 == 0, args.even_reward, 0.0))
+            mse = value_loss(params, network.apply, true_values[None])
+            return (params, opt_state, gamma_logits, meta_opt_state), (jax.nn.sigmoid(gamma_logits), inner, 2 * mse)
+
+        _, (gammas, inner_losses, mses) = jax.lax.scan(update, carry, jax.random.split(key, args.num_updates))
+        return gammas, inner_losses, mses
+
+    return train
+
+
+class SummaryWriter:
+    """TensorBoard scalars through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
+
+    def __init__(self, log_dir: str):
+        self.writer = EventFileWriter(log_dir)
+
+    def add_scalar(self, tag: str, value, step: int):
+        value = summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+        self.writer.add_event(
+            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
+        )
+
+    def close(self):
+        self.writer.close()
+
+
+def plot_gammas(trajectories: dict, path: str) -> bool:
+    """Even and odd gamma_i against updates, one colour per n (Fig. 4 b, c). False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for color, (n, gammas) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], trajectories.items()):
+        for i in range(NUM_STATES):
+            ax = axes[i % 2]
+            ax.plot(gammas[:, i], color=color, alpha=0.8, label=f"n = {n}" if i < 2 else None)
+    for ax, title in zip(axes, ["even states (should rise to 1)", "odd states (should fall to 0)"]):
+        ax.set_title(title)
+        ax.set_xlabel("update")
+        ax.legend()
+    axes[0].set_ylabel("gamma_i")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if min(args.num_updates, args.batch_size, args.mc_samples, *args.inner_steps) < 1 or not 0 < args.gamma < 1:
+        raise SystemExit("--num-updates, --batch-size, --mc-samples and --inner-steps must be positive; --gamma in (0, 1)")
+    if args.adam_eps_root <= 0:
+        raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
+    run_name = f"mrp__{args.exp_name}__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    trajectories = {}
+    for n in args.inner_steps:
+        start = time.time()
+        gammas, inner_losses, mses = jax.device_get(make_train(args, n)(jax.random.PRNGKey(args.seed)))
+        trajectories[n] = gammas
+        for u in range(0, args.num_updates, max(1, args.num_updates // 200)):
+            for i in range(NUM_STATES):
+                writer.add_scalar(f"meta/n{n}/gamma_{i}", gammas[u, i], u)
+            writer.add_scalar(f"losses/n{n}/inner_loss", inner_losses[u], u)
+            writer.add_scalar(f"losses/n{n}/value_mse", mses[u], u)
+        final = " ".join(f"{g:.3f}" for g in gammas[-1])
+        print(f"n = {n:2d} ({time.time() - start:.1f} s): final gammas [{final}]; value MSE {mses[-1]:.4f}")
+        print(f"        even mean {gammas[-1, 0::2].mean():.3f}, odd mean {gammas[-1, 1::2].mean():.3f}")
+    csv_path = f"runs/{run_name}/gammas.csv"
+    with open(csv_path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["n", "update"] + [f"gamma_{i}" for i in range(NUM_STATES)])
+        for n, gammas in trajectories.items():
+            out.writerows([n, u] + [f"{g:.5f}" for g in row] for u, row in enumerate(gammas))
+    plot_path = f"runs/{run_name}/gammas.png"
+    print(
+        f"gamma trajectories: {csv_path}"
+        + (f", plot {plot_path}" if plot_gammas(trajectories, plot_path) else " (no plot: matplotlib missing)")
+    )
+    writer.close()
