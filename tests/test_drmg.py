@@ -148,27 +148,32 @@ def test_eta1_learns_only_the_loss_weights():
         assert np.all(grads[name] != 0), name
 
 
+def meta_step_on(module, devices, args, agent_state, meta_state, batch):
+    """`module`'s jitted learner step with the batch sharded over `devices` and the train states replicated."""
+    mesh = Mesh(np.array(devices), ("learner",))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "learner"))
+    return module.make_learner_step(args, mesh)(
+        jax.device_put(agent_state, replicated), jax.device_put(meta_state, replicated), jax.device_put(batch, sharded)
+    )
+
+
+def assert_same_step(one, two):
+    """Both train states equal; with SGD at learning rate 1 the meta step is minus the meta-gradient."""
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[1].params, one[1].params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[0].params, one[0].params)
+    assert float(one[2]["meta_grad_norm"]) > 1e-6
+
+
 def test_two_device_meta_step_equals_single_device_meta_step():
     args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.8, alpha=0.7)
     rollout = make_rollout(drmg)
     agent_state = make_states(drmg, args, jax.tree.map(jnp.asarray, rollout))
     meta_state = TrainState.create(apply_fn=None, params=drmg.init_meta_params(args), tx=optax.sgd(1.0))
-
-    def step_on(devices, batch):
-        mesh = Mesh(np.array(devices), ("learner",))
-        replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "learner"))
-        return drmg.make_learner_step(args, mesh)(
-            jax.device_put(agent_state, replicated), jax.device_put(meta_state, replicated), jax.device_put(batch, sharded)
-        )
-
     # Each device halves its own shard, so on two devices tau1 = envs {0, 2} and tau2 = envs {1, 3}: the pairing of
     # inner and outer data matters to the meta-gradient, so give the single device the same halves.
-    one = step_on(jax.devices()[:1], jax.tree.map(lambda x: x[:, [0, 2, 1, 3]], rollout))
-    two = step_on(jax.devices()[:2], rollout)
-    # With SGD at learning rate 1, the meta step is minus the meta-gradient: compare the updated logits.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[1].params, one[1].params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[0].params, one[0].params)
-    assert float(one[2]["meta_grad_norm"]) > 1e-6
+    reordered = jax.tree.map(lambda x: x[:, [0, 2, 1, 3]], rollout)
+    one = meta_step_on(drmg, jax.devices()[:1], args, agent_state, meta_state, reordered)
+    assert_same_step(one, meta_step_on(drmg, jax.devices()[:2], args, agent_state, meta_state, rollout))
 
 
 def test_learns_cartpole_and_meta_parameters_move(tmp_path):

@@ -1,7 +1,6 @@
 """stacx.py: leaky v-trace against rlax and a plain loop, the KL term, the meta-gradient against finite differences,
 auxiliary heads never act, two devices, learning, smoke runs."""
 
-import itertools
 import os
 import queue
 
@@ -12,34 +11,14 @@ import optax
 import pytest
 import rlax
 from flax.training.train_state import TrainState
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from test_drmg import assert_same_step, meta_step_on
+from test_mg import B, T, loop_reference, make_unroll
 from test_qr_impala_run import make_rollout as make_random_rollout
 from test_qr_impala_run import only_run_dir, run_script, scalars
 
 import stacx
 
-T, B = 9, 4
 NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, NUM_HEADS = 5, 4, 3, 3, 3
-
-
-def make_unroll(seed):
-    """Random unroll with terminations, truncations, the reset steps that follow them, and ratios far from 1."""
-    rng = np.random.default_rng(seed)
-    terminations = rng.random((T, B)) < 0.15
-    truncations = (rng.random((T, B)) < 0.1) & ~terminations
-    resets = np.zeros((T, B), dtype=bool)
-    resets[1:] = terminations[:-1] | truncations[:-1]
-    terminations &= ~resets
-    truncations &= ~resets
-    return dict(
-        values=rng.normal(size=(T, B)).astype(np.float32),
-        bootstrap_value=rng.normal(size=(B,)).astype(np.float32),
-        rewards=rng.normal(size=(T, B)).astype(np.float32),
-        discounts=((1 - terminations) * (1 - resets)).astype(np.float32),
-        trace_masks=(1 - truncations).astype(np.float32),
-        log_rhos=rng.normal(scale=1.5, size=(T, B)).astype(np.float32),  # ratios from ~0.01 to ~90
-    )
 
 
 def run(u, gamma, lambda_, alpha_rho, alpha_c, rho_bar=1.0, c_bar=1.0, pg_rho_bar=1.0):
@@ -72,26 +51,10 @@ def test_leaky_vtrace_equals_rlax_when_alpha_rho_equals_alpha_c(lambda_, alpha, 
 @pytest.mark.parametrize("alpha_rho,alpha_c,rho_bar,c_bar,pg_rho_bar", [(0.9, 0.4, 1.0, 1.0, 1.0), (0.7, 0.2, 2.0, 0.8, 1.5)])
 def test_leaky_vtrace_equals_plain_loop_with_different_alphas(lambda_, alpha_rho, alpha_c, rho_bar, c_bar, pg_rho_bar):
     u = make_unroll(2)
-    gamma = 0.9
-    returns, advantages = run(u, gamma, lambda_, alpha_rho, alpha_c, rho_bar, c_bar, pg_rho_bar)
-    is_ratio = np.exp(u["log_rhos"].astype(np.float64))
-    rho = alpha_rho * np.minimum(rho_bar, is_ratio) + (1 - alpha_rho) * is_ratio
-    c = lambda_ * u["trace_masks"] * (alpha_c * np.minimum(c_bar, is_ratio) + (1 - alpha_c) * is_ratio)
-    pg_rho = alpha_rho * np.minimum(pg_rho_bar, is_ratio) + (1 - alpha_rho) * is_ratio
-    for b, s in itertools.product(range(B), range(T)):
-        v = np.append(u["values"][:, b], u["bootstrap_value"][b]).astype(np.float64)
-        gam = gamma * u["discounts"][:, b]
-        total = v[s]
-        for t in range(s, T):  # v_s = V(x_s) + sum_t gamma^(t-s) (prod_i c_i) rho_t delta_t
-            trace = np.prod([gam[i] * c[i, b] for i in range(s, t)]) if t > s else 1.0
-            total += trace * rho[t, b] * (u["rewards"][t, b] + gam[t] * v[t + 1] - v[t])
-        np.testing.assert_allclose(returns[s, b], total, rtol=1e-4, atol=1e-4)
-    for b, s in itertools.product(range(B), range(T)):
-        lam = lambda_ * u["trace_masks"][s, b]
-        next_return = returns[s + 1, b] if s + 1 < T else u["bootstrap_value"][b]
-        next_value = u["values"][s + 1, b] if s + 1 < T else u["bootstrap_value"][b]
-        q_estimate = u["rewards"][s, b] + gamma * u["discounts"][s, b] * (lam * next_return + (1 - lam) * next_value)
-        np.testing.assert_allclose(advantages[s, b], pg_rho[s, b] * (q_estimate - u["values"][s, b]), rtol=1e-4, atol=1e-4)
+    returns, advantages = run(u, 0.9, lambda_, alpha_rho, alpha_c, rho_bar, c_bar, pg_rho_bar)
+    expected_returns, expected_advantages = loop_reference(u, 0.9, lambda_, rho_bar, c_bar, pg_rho_bar, alpha_rho, alpha_c)
+    np.testing.assert_allclose(returns, expected_returns, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(advantages, expected_advantages, rtol=1e-4, atol=1e-4)
 
 
 def test_alpha_c_is_kept_at_most_alpha_rho():
@@ -244,20 +207,10 @@ def test_two_device_meta_step_equals_single_device_meta_step():
     rollout = make_rollout()
     agent_state = make_states(args, jax.tree.map(jnp.asarray, rollout))
     meta_state = TrainState.create(apply_fn=None, params=stacx.init_meta_params(args), tx=optax.sgd(1.0))
-
-    def step_on(devices):
-        mesh = Mesh(np.array(devices), ("learner",))
-        replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "learner"))
-        return stacx.make_learner_step(args, mesh)(
-            jax.device_put(agent_state, replicated), jax.device_put(meta_state, replicated), jax.device_put(rollout, sharded)
-        )
-
     # Same batch for inner and outer: theta' comes from the gradient averaged over the shards, and the mean of the
     # shards' outer losses is the whole batch's, so two devices must give the single device's meta step exactly.
-    one, two = step_on(jax.devices()[:1]), step_on(jax.devices()[:2])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[1].params, one[1].params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[0].params, one[0].params)
-    assert float(one[2]["meta_grad_norm"]) > 1e-6
+    one = meta_step_on(stacx, jax.devices()[:1], args, agent_state, meta_state, rollout)
+    assert_same_step(one, meta_step_on(stacx, jax.devices()[:2], args, agent_state, meta_state, rollout))
 
 
 def test_learns_cartpole_and_every_head_meta_parameter_is_logged(tmp_path):
