@@ -133,6 +133,10 @@ class Args:
     """the (local) device ids that actor threads use"""
     learner_device_ids: List[int] = field(default_factory=lambda: [0])
     """the (local) device ids that the learner shards its batch across"""
+    chunk_envs: int = 16
+    """the learner computes its losses on at most this many envs at a time: less memory, more sequential work (0: all)"""
+    memory_limit_gib: float = 0.0
+    """memory of a learner device for the startup check, in GiB (0: what the device reports, or the free RAM on CPU)"""
     distributed: bool = False
     """initialise `jax.distributed` to train with several processes or hosts"""
 
@@ -201,6 +205,68 @@ def check_args(args: Args):
         )
 
 
+def canonical_conv(x, kernel, padding):
+    """Stride-1 convolution of NHWC `x` with an HWIO `kernel`; `padding`: (low, high) per spatial axis."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def flipped(kernel):
+    """The kernel of the transposed convolution: spatially flipped, input and output channels swapped."""
+    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+
+
+def transposed_padding(kernel, padding):
+    return tuple((size - 1 - low, size - 1 - high) for size, (low, high) in zip(kernel.shape[:2], padding))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_conv(x, kernel, padding):
+    """`canonical_conv` whose gradients of every order are canonical convolutions too.
+
+    XLA:CPU puts only the convolutions outside loops in the canonical form of its fast kernels; the gradient
+    convolutions that JAX emits run 10-30x slower inside the learner's scan over env chunks (jax#12868).
+    """
+    return canonical_conv(x, kernel, padding)
+
+
+def cpu_conv_fwd(x, kernel, padding):
+    return cpu_conv(x, kernel, padding), (x, kernel)
+
+
+def cpu_conv_bwd(padding, residuals, dy):
+    x, kernel = residuals
+    return cpu_conv(dy, flipped(kernel), transposed_padding(kernel, padding)), cpu_conv_kernel_grad(x, dy, padding)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_conv_kernel_grad(x, dy, padding):
+    """d <dy, cpu_conv(x, kernel)> / d kernel, as a canonical convolution whose channels are the batch axis."""
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    return canonical_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), ((0, 0), (0, 0))).transpose(1, 2, 0, 3)
+
+
+def cpu_conv_kernel_grad_fwd(x, dy, padding):
+    return cpu_conv_kernel_grad(x, dy, padding), (x, dy)
+
+
+def cpu_conv_kernel_grad_bwd(padding, residuals, d_kernel):
+    x, dy = residuals
+    return cpu_conv(dy, flipped(d_kernel), transposed_padding(d_kernel, padding)), cpu_conv(x, d_kernel, padding)
+
+
+cpu_conv.defvjp(cpu_conv_fwd, cpu_conv_bwd)
+cpu_conv_kernel_grad.defvjp(cpu_conv_kernel_grad_fwd, cpu_conv_kernel_grad_bwd)
+
+
+def conv3x3(channels: int):
+    """A 3x3 "SAME" convolution layer: flax's on accelerators, through `cpu_conv` on CPU (same parameters)."""
+    if jax.default_backend() != "cpu":
+        return nn.Conv(channels, kernel_size=(3, 3))
+    return nn.Conv(
+        channels, kernel_size=(3, 3), conv_general_dilated=lambda x, kernel, *_, **__: cpu_conv(x, kernel, ((1, 1),) * 2)
+    )
+
+
 class ResidualBlock(nn.Module):
     channels: int
 
@@ -208,9 +274,9 @@ class ResidualBlock(nn.Module):
     def __call__(self, x):
         inputs = x
         x = nn.relu(x)
-        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = conv3x3(self.channels)(x)
         x = nn.relu(x)
-        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = conv3x3(self.channels)(x)
         return x + inputs
 
 
@@ -219,7 +285,7 @@ class ConvSequence(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.channels, kernel_size=(3, 3))(x)
+        x = conv3x3(self.channels)(x)
         x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
         x = ResidualBlock(self.channels)(x)
         return ResidualBlock(self.channels)(x)
@@ -329,6 +395,23 @@ def split_halves(rollout: Rollout):
     return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
 
 
+def chunk_mean(fn, rollout: Rollout, chunk_envs: int):
+    """fn(rollout) computed on at most `chunk_envs` envs at a time and averaged over the chunks (--chunk-envs).
+
+    fn returns means over its rollout's T x B entries, so the mean over equal chunks is its value on the whole batch.
+    The chunks run one after the other in a lax.scan, so only one chunk's activations are alive at once. The chunk
+    size is the largest divisor of B not above `chunk_envs`; 0: the whole batch at once, without a scan.
+    """
+    num_envs = rollout.actions.shape[1]
+    size = max(d for d in range(1, min(chunk_envs, num_envs) + 1) if num_envs % d == 0) if chunk_envs else num_envs
+    if size == num_envs:
+        return fn(rollout)
+    chunks = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0], num_envs // size, size) + x.shape[2:]), 0, 1), rollout)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, jax.tree.map(lambda x: x[0], chunks)))
+    total, _ = jax.lax.scan(lambda total, chunk: (jax.tree.map(jnp.add, total, fn(chunk)), None), zeros, chunks)
+    return jax.tree.map(lambda x: x / (num_envs // size), total)
+
+
 def logit(p):
     return jnp.log(p) - jnp.log1p(-p)
 
@@ -422,27 +505,52 @@ def kl_divergence(logits_p, logits_q, valid):
     return jnp.mean(valid * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
 
-def outer_loss(meta_params, agent_state: TrainState, inner: Rollout, outer: Rollout, args: Args, axis_name: Optional[str]):
-    """g'_v L_V + g'_p L_pi + g'_e L_H + g'_kl KL(pi_theta' || pi_theta) of the main head at theta', plain v-trace with
-    gamma', lambda' (STAC's outer loss), after one inner step theta' = theta + update(grad L_in(tau, theta, eta))
-    (Xu et al. eq. 1-2). Also returns the inner gradient, so that the real update of theta uses the very same one.
+def meta_gradient(meta_params, agent_state: TrainState, inner: Rollout, outer: Rollout, args: Args, axis_name: Optional[str]):
+    """The gradient in eta of g'_v L_V + g'_p L_pi + g'_e L_H + g'_kl KL(pi_theta' || pi_theta) of the main head at theta',
+    plain v-trace with gamma', lambda' (STAC's outer loss), after one inner step theta' = theta + update(grad L_in(tau, theta,
+    eta)) (Xu et al. eq. 1-2).
+
+    The chain rule in three passes over the env chunks (--chunk-envs): the inner gradient g; the outer gradient at theta',
+    pulled back through the update to v = (d theta' / d g)^T grad L_out(theta'); then d <v, grad L_in(tau, theta, eta)> / d eta.
+    Also returns the inner gradient, so that the real update of theta uses the very same one.
     """
-    grads, (metrics, logits) = jax.grad(impala_loss, has_aux=True)(
-        agent_state.params, agent_state.apply_fn, inner, hyperparameters(meta_params, args), args, args.num_heads
-    )
+
+    def inner_grads(meta_params, chunk):
+        eta = hyperparameters(meta_params, args)
+        grads, (metrics, _) = jax.grad(impala_loss, has_aux=True)(
+            agent_state.params, agent_state.apply_fn, chunk, eta, args, args.num_heads
+        )
+        return grads, metrics
+
+    def outer_grads(params_prime, chunk):
+        def loss(params_prime):
+            eta_prime = reference_hyperparameters(args)
+            loss, (_, logits_prime) = impala_loss(params_prime, agent_state.apply_fn, chunk, eta_prime, args, 1)  # J', eq. 2
+            logits, _ = agent_state.apply_fn(agent_state.params, chunk.obs[:-1].reshape((-1,) + chunk.obs.shape[2:]))
+            logits = main_head(logits).reshape(logits_prime.shape)
+            kl = kl_divergence(logits_prime, jax.lax.stop_gradient(logits), 1.0 - chunk.resets)
+            return loss + args.kl_coef * kl, dict(outer_loss=loss + args.kl_coef * kl, outer_kl=kl)
+
+        return jax.grad(loss, has_aux=True)(params_prime)
+
+    def inner_step(grads):
+        updates, _ = agent_state.tx.update(grads, agent_state.opt_state, agent_state.params)
+        return optax.apply_updates(agent_state.params, updates)  # eq. 1, through RMSProp
+
+    grads, metrics = chunk_mean(partial(inner_grads, meta_params), inner, args.chunk_envs)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)  # theta' is the same on every learner device
-    updates, _ = agent_state.tx.update(grads, agent_state.opt_state, agent_state.params)
-    params_prime = optax.apply_updates(agent_state.params, updates)  # eq. 1, through RMSProp
-    loss, (_, logits_prime) = impala_loss(
-        params_prime, agent_state.apply_fn, outer, reference_hyperparameters(args), args, 1
-    )  # J', eq. 2
-    if outer is not inner:  # with the same batch (STAC), the inner loss has already computed pi_theta on it
-        logits, _ = agent_state.apply_fn(agent_state.params, outer.obs[:-1].reshape((-1,) + outer.obs.shape[2:]))
-        logits = main_head(logits).reshape(logits_prime.shape)
-    kl = kl_divergence(logits_prime, jax.lax.stop_gradient(logits), 1.0 - outer.resets)
-    loss = loss + args.kl_coef * kl
-    return loss, (grads, dict(metrics, outer_loss=loss, outer_kl=kl))
+    params_prime, inner_step_vjp = jax.vjp(inner_step, grads)
+    grads_prime, outer_metrics = chunk_mean(partial(outer_grads, params_prime), outer, args.chunk_envs)
+    if axis_name is not None:
+        grads_prime = jax.lax.pmean(grads_prime, axis_name)  # the outer gradient of the whole outer batch
+    (v,) = inner_step_vjp(grads_prime)
+    meta_grads = chunk_mean(
+        lambda chunk: jax.grad(lambda m: optax.tree_utils.tree_vdot(v, inner_grads(m, chunk)[0]))(meta_params),
+        inner,
+        args.chunk_envs,
+    )
+    return meta_grads, grads, dict(metrics, **outer_metrics)
 
 
 def learner_step(
@@ -455,11 +563,20 @@ def learner_step(
     loops = ((tau1, tau2), (tau2, tau1)) if args.two_halves else ((rollout, rollout),)
     for inner, outer in loops:
         if args.meta_learn == "none":
-            half_grads, (half_metrics, _) = jax.grad(impala_loss, has_aux=True)(
-                agent_state.params, agent_state.apply_fn, inner, hyperparameters(meta_state.params, args), args, args.num_heads
+            half_grads, (half_metrics, _) = chunk_mean(
+                lambda chunk: jax.grad(impala_loss, has_aux=True)(
+                    agent_state.params,
+                    agent_state.apply_fn,
+                    chunk,
+                    hyperparameters(meta_state.params, args),
+                    args,
+                    args.num_heads,
+                ),
+                inner,
+                args.chunk_envs,
             )
         else:
-            half_meta_grads, (half_grads, half_metrics) = jax.grad(outer_loss, has_aux=True)(
+            half_meta_grads, half_grads, half_metrics = meta_gradient(
                 meta_state.params, agent_state, inner, outer, args, axis_name
             )
             meta_grads = half_meta_grads if meta_grads is None else jax.tree.map(jnp.add, meta_grads, half_meta_grads)
@@ -490,6 +607,51 @@ def make_learner_step(args: Args, mesh: Mesh):
         check_vma=False,
     )
     return jax.jit(sharded)
+
+
+def learner_dtype(dtype):
+    """The actors send booleans and floats to the learner as float32."""
+    return np.dtype(np.float32) if dtype == bool or np.dtype(dtype).kind == "f" else np.dtype(dtype)
+
+
+def rollout_spec(args: Args, observation_space, num_actions: int, sharding) -> Rollout:
+    """Shapes and dtypes of the learner's batch over all processes, as the actor threads fill it."""
+    T, B = args.num_steps, args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
+    spec = partial(jax.ShapeDtypeStruct, sharding=sharding)
+    return Rollout(
+        obs=spec((T + 1, B) + observation_space.shape, learner_dtype(observation_space.dtype)),
+        actions=spec((T, B), np.int32),
+        behaviour_logits=spec((T, B, num_actions), np.float32),
+        **{name: spec((T, B), np.float32) for name in ("rewards", "terminations", "truncations", "resets")},
+    )
+
+
+def available_memory(device: jax.Device) -> Optional[int]:
+    """Bytes the learner can still take on `device`: the accelerator's free memory, or the machine's available RAM."""
+    if device.platform != "cpu":
+        stats = device.memory_stats()
+        return stats["bytes_limit"] - stats["bytes_in_use"] if stats and "bytes_limit" in stats else None
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_learner_memory(compiled, args: Args, learner_devices: Sequence[jax.Device]) -> str:
+    """Stop before anything is written if the compiled learner step cannot fit a learner device; else describe it."""
+    analysis = compiled.memory_analysis()
+    needed = sum(getattr(analysis, f"{kind}_size_in_bytes") for kind in ("temp", "argument", "output"))
+    needed -= analysis.alias_size_in_bytes
+    available = args.memory_limit_gib * 2**30 or available_memory(learner_devices[0])
+    if available is not None and learner_devices[0].platform == "cpu" and not args.memory_limit_gib:
+        available //= len(learner_devices)  # host devices share the RAM
+    gib = lambda x: f"{x / 2**30:.1f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"  # noqa: E731
+    if available is not None and needed > available:
+        raise SystemExit(
+            f"the learner step needs {gib(needed)} per learner device ({learner_devices[0].device_kind}) and there are "
+            f"{gib(available)}: lower --chunk-envs (now {args.chunk_envs}), --local-num-envs or --num-steps"
+        )
+    return f"learner step: {gib(needed)} per device of {gib(available) if available is not None else 'unknown'}"
 
 
 class SummaryWriter:
@@ -581,20 +743,27 @@ def rollout(
     reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
     global_step = 0
     for update in range(1, args.num_updates + 1):
+        rollout_start = time.time()
         # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule):
         # rollouts 1 and 2 use the initial params; the learner computes update k - 1 while rollout k runs.
         if update != 2:
             params = params_queue.get()
+        params_queue_get_time = time.time() - rollout_start
+        env_time = inference_time = 0.0
         storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
         finished_returns, finished_lengths = [], []
         for _ in range(args.num_steps):
+            inference_start = time.time()
             actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
             actions = np.asarray(actions)
+            inference_time += time.time() - inference_start
             storage["obs"].append(obs)
             storage["actions"].append(actions)
             storage["behaviour_logits"].append(logits)
             storage["resets"].append(reset_next)
+            env_start = time.time()
             obs, reward, terminated, truncated, info = envs.step(actions)
+            env_time += time.time() - env_start
             terminated, truncated = terminated.astype(bool), truncated.astype(bool)
             storage["rewards"].append(reward)
             storage["terminations"].append(terminated)
@@ -608,14 +777,24 @@ def rollout(
         storage["obs"].append(obs)
         global_step += args.num_steps * num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
         # Stack and send each learner device its share of the envs now, while the learner is busy.
+        device_put_start = time.time()
         shards = {}
         for name, values in storage.items():
             values = np.stack([np.asarray(v) for v in values])
-            values = values.astype(np.float32) if values.dtype == bool else values
+            values = values.astype(learner_dtype(values.dtype))
             shards[name] = [
                 jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
             ]
+        device_put_time = time.time() - device_put_start
         rollout_queue.put((global_step, shards))
+        rollout_queue_put_time = time.time() - device_put_start - device_put_time
+        if device_thread_id == 0:
+            writer.add_scalar("stats/rollout_time", time.time() - rollout_start, global_step)
+            writer.add_scalar("stats/params_queue_get_time", params_queue_get_time, global_step)
+            writer.add_scalar("stats/env_time", env_time, global_step)
+            writer.add_scalar("stats/inference_time", inference_time, global_step)
+            writer.add_scalar("stats/device_put_time", device_put_time, global_step)
+            writer.add_scalar("stats/rollout_queue_put_time", rollout_queue_put_time, global_step)
         if device_thread_id == 0 and finished_returns:
             returned_episode_returns.extend(finished_returns)
             writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
@@ -650,18 +829,13 @@ if __name__ == "__main__":
     ]
     mesh = Mesh(np.array(global_learner_devices), ("learner",))
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
-
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    )
 
     key = jax.random.PRNGKey(args.seed)
     key, network_key, actor_key = jax.random.split(key, 3)
     envs = make_env(args.env_id, args.seed, 1, args)()
     network = AgentNetwork(envs.action_space.n, args.num_heads)
     params = network.init(network_key, np.array([envs.observation_space.sample()]))
+    observation_space, num_actions = envs.observation_space, envs.action_space.n
     del envs
 
     def linear_schedule(count):
@@ -684,8 +858,20 @@ if __name__ == "__main__":
         tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
     )
     meta_state = jax.device_put(meta_state, NamedSharding(mesh, P()))
-    update_fn = make_learner_step(args, mesh)
     batch_sharding = NamedSharding(mesh, P(None, "learner"))
+    # Compile the learner step now: a batch that cannot fit the learner device stops the run before anything is written.
+    update_fn = make_learner_step(args, mesh).lower(
+        agent_state, meta_state, rollout_spec(args, observation_space, num_actions, batch_sharding)
+    )
+    update_fn = update_fn.compile()
+    memory = check_learner_memory(update_fn, args, learner_devices)
+    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
+    print(memory)
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    )
 
     def shard_batch(thread_shards):
         """Join the actor threads' unrolls on each learner device into one batch sharded along the envs."""
@@ -726,13 +912,20 @@ if __name__ == "__main__":
             ).start()
 
     start_time = time.time()
+    learner_time = learner_wait_time = 0.0  # since the last log
+    last_log = 0
     for update in range(1, args.num_updates + 1):
+        wait_start = time.time()
         items = [q.get() for q in rollout_queues]
         for item in items:
             if isinstance(item, BaseException):
                 raise RuntimeError("an actor thread failed") from item
         global_step = items[0][0]
+        update_start = time.time()
         agent_state, meta_state, metrics = update_fn(agent_state, meta_state, shard_batch([shards for _, shards in items]))
+        jax.block_until_ready(metrics)
+        learner_wait_time += update_start - wait_start
+        learner_time += time.time() - update_start
         if update <= args.num_updates - 2:  # rollout k + 2 acts with these params; later rollouts do not exist
             new_params = local_params(agent_state)
             for d_idx, d_id in enumerate(args.actor_device_ids):
@@ -740,14 +933,19 @@ if __name__ == "__main__":
                     params_queues[d_idx * args.num_actor_threads + thread_id].put(
                         jax.device_put(new_params, local_devices[d_id])
                     )
-        if update % args.log_frequency == 0 or update == args.num_updates:
+        if update % args.log_frequency == 0 or update in (1, args.num_updates):
             sps = int(global_step / (time.time() - start_time))
+            busy = learner_time / (learner_time + learner_wait_time)
             metrics = jax.device_get(metrics)
             print(
-                f"update {update}/{args.num_updates} global_step={global_step} SPS={sps} "
+                f"update {update}/{args.num_updates} global_step={global_step} SPS={sps} learner busy {busy:.0%} "
                 f"loss={metrics['loss']:.4f} entropy={metrics['entropy']:.3f}"
             )
             writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("stats/learner_busy_fraction", busy, global_step)
+            writer.add_scalar("stats/learner_update_time", learner_time / (update - last_log), global_step)
+            writer.add_scalar("stats/rollout_queue_get_time", learner_wait_time / (update - last_log), global_step)
+            learner_time, learner_wait_time, last_log = 0.0, 0.0, update
             writer.add_scalar(
                 "charts/learning_rate", linear_schedule(update) if args.anneal_lr else args.learning_rate, global_step
             )

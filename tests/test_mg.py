@@ -223,7 +223,7 @@ def test_meta_gradient_equals_central_finite_differences_in_float64(flags):
         def linearised_outer_loss(logits):
             return sum(jnp.vdot(g, p) for g, p in zip(jax.tree.leaves(outer_grad), jax.tree.leaves(params_prime(logits))))
 
-        meta_grads = jax.jit(jax.grad(lambda m: mg.outer_loss(m, agent_state, inner, outer, args, None)[0]))(meta_params)
+        meta_grads = jax.jit(lambda m: mg.meta_gradient(m, agent_state, inner, outer, args, None)[0])(meta_params)
         eps = 1e-6
         for name in ["gamma", "lambda_"]:
             plus = dict(meta_params, **{name: meta_params[name] + eps})

@@ -138,7 +138,7 @@ def test_meta_gradient_equals_central_finite_differences_in_float64(two_halves):
             leaves = zip(jax.tree.leaves(outer_grad), jax.tree.leaves(params_prime(m)), base)
             return sum(jnp.vdot(g, p - p0) for g, p, p0 in leaves)
 
-        meta_grads = jax.jit(jax.grad(lambda m: stacx.outer_loss(m, agent_state, inner, outer, args, None)[0]))(meta_params)
+        meta_grads = jax.jit(lambda m: stacx.meta_gradient(m, agent_state, inner, outer, args, None)[0])(meta_params)
         eps = 1e-6
         for name, value in meta_params.items():
             numeric = np.zeros(NUM_HEADS)
@@ -150,7 +150,7 @@ def test_meta_gradient_equals_central_finite_differences_in_float64(two_halves):
             assert np.all(np.abs(numeric) > 1e-7), f"{name}: theta' does not depend on every head's entry"
 
 
-def test_auxiliary_heads_never_choose_actions():
+def test_auxiliary_heads_never_choose_actions(tmp_path):
     """Run an actor thread with params whose auxiliary heads prefer other actions than the main head: the behaviour
     logits it records, and so the actions, are the main head's."""
     args = stacx.Args(env_id="CartPole-v1", local_num_envs=2, num_actor_threads=1, num_steps=6, num_heads=3)
@@ -165,7 +165,9 @@ def test_auxiliary_heads_never_choose_actions():
     rollout_queue, params_queue = queue.Queue(), queue.Queue()
     params_queue.put(params)
     device = jax.devices()[0]
-    stacx.rollout(jax.random.PRNGKey(1), args, rollout_queue, params_queue, None, [device], 0, device)
+    writer = stacx.SummaryWriter(str(tmp_path))
+    stacx.rollout(jax.random.PRNGKey(1), args, rollout_queue, params_queue, writer, [device], 0, device)
+    writer.close()
     _, shards = rollout_queue.get()
     obs, behaviour_logits = np.asarray(shards["obs"][0]), np.asarray(shards["behaviour_logits"][0])
     all_logits = network.apply(params, obs[:-1].reshape(-1, obs.shape[-1]))[0].reshape(6, 2, 3, -1)
