@@ -13,18 +13,22 @@ IMPALA's (Espeholt et al. 2018) eq. 1 (v-trace); DrMG's (../shared/papers/000) e
     python mg.py --env-id Breakout-v5 --meta-learn none     # IMPALA: fixed gamma and lambda
 """
 
+import atexit
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import List, Literal, NamedTuple, Optional, Sequence
+from typing import List, Literal, NamedTuple, Optional, Sequence, Tuple
 
 # Actors and the learner share the accelerator with EnvPool; do not let XLA take all of it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
@@ -51,13 +55,17 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     save_model: bool = False
-    """whether to save the model (params and args) to `runs/{run_name}` and evaluate it at the end"""
-    save_every: int = 0
-    """also save the model every this many learner updates (0: only at the end)"""
+    """evaluate the saved model at the end (the checkpoint `runs/{run_name}/{exp_name}.flax_model` is always saved)"""
+    save_every: int = 1000
+    """write the checkpoint every this many learner updates (0: only at the end and when the run is stopped)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint: its run directory, flags (bar those of devices and budget), states, step"""
     eval_episodes: int = 10
     """number of episodes of the evaluation of the saved model"""
     log_frequency: int = 10
     """print progress and log losses every this many learner updates"""
+    queue_timeout: float = 3600.0
+    """seconds the learner and the actors wait for each other before the run stops, saying which actor is stuck"""
 
     # Environment
     env_id: str = "Breakout-v5"
@@ -136,6 +144,12 @@ class Args:
     """memory of a learner device for the startup check, in GiB (0: what the device reports, or the free RAM on CPU)"""
     distributed: bool = False
     """initialise `jax.distributed` to train with several processes or hosts"""
+    coordinator_address: Optional[str] = None
+    """with --distributed: host:port of process 0 (unset: JAX's cluster auto-detection, e.g. under SLURM)"""
+    num_processes: Optional[int] = None
+    """with --distributed: the number of processes (unset: auto-detection)"""
+    process_id: Optional[int] = None
+    """with --distributed: the index of this process (unset: auto-detection)"""
 
     # to be filled in runtime
     local_batch_size: int = 0
@@ -196,6 +210,28 @@ def check_args(args: Args):
         raise SystemExit("--gamma and --lambda_ must lie in [0, 1]")
     if args.meta_learn == "all" and not (0 < args.gamma < 1 and 0 < args.lambda_ < 1):
         raise SystemExit("learnt --gamma and --lambda_ are sigmoids: their initial values must lie in (0, 1)")
+
+    if args.log_frequency < 1 or args.eval_episodes < 1 or args.save_every < 0 or args.total_timesteps < 1:
+        raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
+        raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    if not all(0 < x < np.inf for x in (args.learning_rate, args.rmsprop_eps, args.max_grad_norm, args.queue_timeout)):
+        raise SystemExit("--learning-rate, --rmsprop-eps, --max-grad-norm and --queue-timeout must be positive and finite")
+    if not 0 <= args.rmsprop_decay < 1:
+        raise SystemExit("--rmsprop-decay must lie in [0, 1)")
+    if not all(0 < x < np.inf for x in (args.meta_learning_rate, args.meta_grad_clip)):
+        raise SystemExit("--meta-learning-rate and --meta-grad-clip must be positive and finite")
+    for name in ("actor_device_ids", "learner_device_ids"):
+        ids = getattr(args, name)
+        if not ids or min(ids) < 0 or len(set(ids)) < len(ids):
+            raise SystemExit(f"--{name.replace('_', '-')} {ids}: device indices must be >= 0 and distinct")
+    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id is not None):
+        raise SystemExit("--coordinator-address, --num-processes and --process-id go with --distributed")
+    run_root = "runs" if os.path.exists("runs") else "."
+    if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
+        raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
+    if args.resume and not os.access(os.path.dirname(os.path.abspath(args.resume)), os.W_OK):
+        raise SystemExit(f"cannot write the run directory of --resume {args.resume}")
 
 
 def canonical_conv(x, kernel, padding):
@@ -508,6 +544,19 @@ def meta_gradient(meta_params, agent_state: TrainState, inner: Rollout, outer: R
     return meta_grads, grads, dict(metrics, outer_loss=outer_metrics["loss"])
 
 
+def non_finite(**trees):
+    """Inside jit: for each tree, whether any of its entries is NaN or infinite."""
+    return {
+        name: ~jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)], bool))
+        for name, tree in trees.items()
+    }
+
+
+def saturated(meta_params, meta_grads):
+    """Inside jit: for each meta-parameter, whether an entry's sigmoid is within 1e-6 of 0 or 1 with a zero meta-gradient."""
+    return {k: jnp.any((jnp.abs(jax.nn.sigmoid(v) - 0.5) > 0.5 - 1e-6) & (meta_grads[k] == 0)) for k, v in meta_params.items()}
+
+
 def learner_step(
     agent_state: TrainState, meta_state: TrainState, rollout: Rollout, args: Args, axis_name: Optional[str] = "learner"
 ):
@@ -541,9 +590,18 @@ def learner_step(
         if axis_name is not None:
             meta_grads = jax.lax.pmean(meta_grads, axis_name)
         metrics["meta_grad_norm"] = optax.global_norm(meta_grads)
+        metrics["saturated"] = saturated(meta_state.params, meta_grads)
         meta_state = meta_state.apply_gradients(grads=meta_grads)
     metrics["meta"] = {k: v for k, v in hyperparameters(meta_state.params, args).items() if k in meta_state.params}
-    return agent_state.apply_gradients(grads=grads), meta_state, metrics
+    agent_state = agent_state.apply_gradients(grads=grads)
+    metrics["non_finite"] = non_finite(
+        loss=metrics["loss"],
+        gradients=grads,
+        parameters=agent_state.params,
+        meta_gradients=meta_grads if meta_grads is not None else {},
+        meta_parameters=meta_state.params,
+    )
+    return agent_state, meta_state, metrics
 
 
 def make_learner_step(args: Args, mesh: Mesh):
@@ -629,22 +687,92 @@ class SummaryWriter:
         self.writer.close()
 
 
-def save_model(path: str, args: Args, params, eta):
-    """Write params, the conditioning eta and args atomically: a crash mid-write leaves the previous file intact."""
+class NoWriter:
+    """The TensorBoard writer of the processes other than process 0: they log nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    add_text = close = add_scalar
+
+
+def local_copy(tree):
+    """This process's copy of (replicated) arrays as numpy, also of arrays that span several processes."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)
+
+
+def save_checkpoint(path: str, args: Args, **state):
+    """Write args and `state` (train states, update, global step, keys, returns) atomically: a crash or a full disk
+    mid-write leaves the previous checkpoint intact and no partial file."""
     tmp_path = f"{path}.tmp"
-    with open(tmp_path, "wb") as f:
-        saved = {"args": json.dumps(asdict(args)), "params": jax.device_get(params), "eta": jax.device_get(eta)}
-        f.write(flax.serialization.to_bytes(saved))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(flax.serialization.to_bytes(dict(local_copy(state), args=json.dumps(asdict(args)))))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise SystemExit(f"could not write the checkpoint {path}: {e.strerror or e}") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """What `save_checkpoint` wrote, as state dicts, with `args` an Args."""
+    with open(path, "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    return dict(saved, args=Args(**json.loads(saved["args"])))
 
 
 def load_model(path: str):
-    """Return (args, params, eta) written by `save_model`."""
-    with open(path, "rb") as f:
-        saved = flax.serialization.msgpack_restore(f.read())
-    return Args(**json.loads(saved["args"])), saved["params"], saved["eta"]
+    """Return (args, params, eta) of a checkpoint: eta = the (gamma, lambda) that the policy is conditioned on."""
+    saved = load_checkpoint(path)
+    eta = conditioning(hyperparameters(saved["meta_state"]["params"], saved["args"]))
+    return saved["args"], saved["agent_state"]["params"], eta
+
+
+# Flags that may differ from the checkpoint's when a run resumes: where and how it runs, not what it learns.
+RESUME_FLAGS = (
+    *("resume", "total_timesteps", "save_model", "save_every", "eval_episodes", "log_frequency", "queue_timeout"),
+    *("envpool_threads", "actor_device_ids", "learner_device_ids", "chunk_envs", "memory_limit_gib"),
+    *("distributed", "coordinator_address", "num_processes", "process_id"),
+)
+
+
+def resume_args(args: Args):
+    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume."""
+    try:
+        saved = load_checkpoint(args.resume)
+    except Exception as e:  # noqa: B902 (a missing file, another format, another script's flags)
+        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {os.path.basename(__file__)} ({e})") from None
+    for name, value in asdict(args).items():
+        if name not in RESUME_FLAGS and value != getattr(Args(), name) and value != getattr(saved["args"], name):
+            raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
+    given = {name: getattr(args, name) for name in RESUME_FLAGS if getattr(args, name) != getattr(Args(), name)}
+    return replace(saved["args"], **given), saved
+
+
+def check_devices(args: Args, local_devices: Sequence[jax.Device]):
+    """Device ids in range, before anything is written."""
+    for name in ("actor_device_ids", "learner_device_ids"):
+        if max(getattr(args, name)) >= len(local_devices):
+            raise SystemExit(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: this process has {len(local_devices)} devices"
+            )
+
+
+def fingerprint(tree) -> str:
+    """A short hash of the arrays' bytes: runs that end with the same parameters print the same fingerprint."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def report(kind, error, traceback):
+    """One line of cause first, then the traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: {kind.__name__}: {error}", file=sys.stderr, flush=True)
+    sys.__excepthook__(kind, error, traceback)
 
 
 def evaluate(model_path: str, eval_episodes: int, seed: int = 0, greedy: bool = False):
@@ -667,6 +795,19 @@ def evaluate(model_path: str, eval_episodes: int, seed: int = 0, greedy: bool = 
     return episodic_returns
 
 
+def patiently(operation, stop: threading.Event, timeout: float, what: str):
+    """Retry a blocking queue get or put every second until it succeeds; None once `stop` is set; TimeoutError after
+    `timeout` seconds, saying `what` did not come."""
+    start = time.time()
+    while not stop.is_set():
+        try:
+            return operation(timeout=1.0)
+        except (queue.Empty, queue.Full):
+            if time.time() - start > timeout:
+                raise TimeoutError(f"{what} for {timeout:g} s")
+    return None
+
+
 def rollout(
     key: jax.random.PRNGKey,
     args: Args,
@@ -676,8 +817,13 @@ def rollout(
     learner_devices: Sequence[jax.Device],
     device_thread_id: int,
     actor_device: jax.Device,
+    start: Tuple[int, int],
+    returned_episode_returns: deque,
+    stop: threading.Event,
+    status: List[str],
 ):
-    """An actor thread: step its EnvPool with the latest params and eta it was given, put each unroll on `rollout_queue`."""
+    """An actor thread: step its EnvPool with the latest params and eta it was given, put each unroll on `rollout_queue`,
+    from update and global step `start` until the last update or `stop`; `status[device_thread_id]` says what it does."""
     envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)()
     network = AgentNetwork(envs.action_space.n, args.eta_embedding_size if args.eta_embedding else 0)
     num_envs = args.local_num_envs
@@ -688,21 +834,28 @@ def rollout(
         key, subkey = jax.random.split(key)
         return jax.random.categorical(subkey, logits), logits, key
 
-    episode_returns, returned_episode_returns = np.zeros(num_envs), deque(maxlen=100)
+    episode_returns = np.zeros(num_envs)
     obs, _ = envs.reset()
     reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
-    global_step = 0
-    for update in range(1, args.num_updates + 1):
+    start_update, global_step = start
+    for update in range(start_update + 1, args.num_updates + 1):
         rollout_start = time.time()
-        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule):
-        # rollouts 1 and 2 use the initial params; the learner computes update k - 1 while rollout k runs.
-        if update != 2:
-            params, eta = params_queue.get()
+        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule): the
+        # first two rollouts use the initial params; the learner computes update k - 1 while rollout k runs.
+        if update != start_update + 2:
+            status[device_thread_id] = "waiting for parameters from the learner"
+            params_and_eta = patiently(params_queue.get, stop, args.queue_timeout, "no parameters from the learner")
+            if params_and_eta is None:
+                return
+            params, eta = params_and_eta
         params_queue_get_time = time.time() - rollout_start
         env_time = inference_time = 0.0
         storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
         finished_returns, finished_lengths = [], []
+        status[device_thread_id] = "stepping its environments"
         for _ in range(args.num_steps):
+            if stop.is_set():
+                return
             inference_start = time.time()
             actions, logits, key = get_action(params, eta, jax.device_put(obs, actor_device), key)
             actions = np.asarray(actions)
@@ -736,7 +889,8 @@ def rollout(
                 jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
             ]
         device_put_time = time.time() - device_put_start
-        rollout_queue.put((global_step, shards))
+        status[device_thread_id] = "waiting for the learner to take its rollout"
+        patiently(partial(rollout_queue.put, (global_step, shards)), stop, args.queue_timeout, "the learner took no rollout")
         rollout_queue_put_time = time.time() - device_put_start - device_put_time
         if device_thread_id == 0:
             writer.add_scalar("stats/rollout_time", time.time() - rollout_start, global_step)
@@ -750,24 +904,38 @@ def rollout(
             writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
             writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
             writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
+    status[device_thread_id] = "done"
 
 
-def actor_thread(*fn_args):
-    """Run `rollout`, handing any exception to the learner so that it fails loudly instead of waiting forever."""
-    rollout_queue = fn_args[2]
+def actor_thread(errors: queue.Queue, *fn_args):
+    """Run `rollout`; any exception goes to `errors`, with which the learner stops the run instead of waiting forever."""
     try:
         rollout(*fn_args)
     except BaseException as e:  # noqa: B902
-        rollout_queue.put(e)
-        raise
+        errors.put((threading.current_thread().name, e))
 
 
 if __name__ == "__main__":
+    sys.excepthook = report
     args = tyro.cli(Args)
+    args, saved = resume_args(args) if args.resume else (args, None)
     check_args(args)
+    stop, stop_signal = threading.Event(), []  # the actors and the learner finish when `stop` is set
+
+    def request_stop(signum, frame):
+        """SIGINT, SIGTERM: finish the current update, save the checkpoint, exit 128 + signum; a second one exits now."""
+        if stop_signal:
+            os._exit(128 + signum)
+        stop_signal.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     if args.distributed:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # processes on CPUs reduce through gloo
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     local_devices = jax.local_devices()
+    check_devices(args, local_devices)
     args.world_size = jax.process_count()
     args.local_batch_size = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.num_steps
     args.batch_size = args.local_batch_size * args.world_size
@@ -778,7 +946,12 @@ if __name__ == "__main__":
         jax.devices()[d + p * len(local_devices)] for p in range(args.world_size) for d in args.learner_device_ids
     ]
     mesh = Mesh(np.array(global_learner_devices), ("learner",))
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = (
+        os.path.dirname(args.resume)
+        if args.resume
+        else f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
+    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
 
     key = jax.random.PRNGKey(args.seed)
     key, network_key, actor_key = jax.random.split(key, 3)
@@ -801,13 +974,21 @@ if __name__ == "__main__":
             ),
         ),
     )
-    agent_state = jax.device_put(agent_state, NamedSharding(mesh, P()))
     meta_state = TrainState.create(
         apply_fn=None,
         params=init_meta_params(args),
         tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
     )
-    meta_state = jax.device_put(meta_state, NamedSharding(mesh, P()))
+    start_update, global_step, returned_episode_returns = 0, 0, deque(maxlen=100)
+    if saved:  # environments restart: EnvPool's state cannot be saved
+        agent_state = flax.serialization.from_state_dict(agent_state, saved["agent_state"])
+        meta_state = flax.serialization.from_state_dict(meta_state, saved["meta_state"])
+        start_update, global_step = int(saved["update"]), int(saved["global_step"])
+        actor_key = jax.random.fold_in(saved["actor_key"], start_update)
+        returned_episode_returns.extend(saved["returns"])
+    # Host copies: a device array cannot be put on a sharding that spans other processes' devices.
+    agent_state = jax.device_put(local_copy(agent_state), NamedSharding(mesh, P()))
+    meta_state = jax.device_put(local_copy(meta_state), NamedSharding(mesh, P()))
     batch_sharding = NamedSharding(mesh, P(None, "learner"))
     # Compile the learner step now: a batch that cannot fit the learner device stops the run before anything is written.
     update_fn = make_learner_step(args, mesh).lower(
@@ -815,10 +996,14 @@ if __name__ == "__main__":
     )
     update_fn = update_fn.compile()
     memory = check_learner_memory(update_fn, args, learner_devices)
-    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
+    if stop.is_set():
+        raise SystemExit(128 + stop_signal[0])
+    print(f"run {run_dir}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
     print(memory)
+    if saved:
+        print(f"resumed from {args.resume} at update {start_update}, global step {global_step}; environments restart")
 
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir) if jax.process_index() == 0 else NoWriter()
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     )
@@ -843,43 +1028,102 @@ if __name__ == "__main__":
         """The (gamma, lambda) that the policy is conditioned on when it acts."""
         return conditioning(hyperparameters(local_params(meta_state), args))
 
-    rollout_queues, params_queues = [], []
+    rollout_queues, params_queues, actor_threads, errors = [], [], [], queue.Queue()
+    actor_status = ["starting"] * (len(args.actor_device_ids) * args.num_actor_threads)
     for d_idx, d_id in enumerate(args.actor_device_ids):
         for thread_id in range(args.num_actor_threads):
             rollout_queues.append(queue.Queue(maxsize=1))
             params_queues.append(queue.Queue(maxsize=1))
             params_queues[-1].put(jax.device_put((local_params(agent_state), local_eta(meta_state)), local_devices[d_id]))
             actor_key, thread_key = jax.random.split(actor_key)
-            threading.Thread(
-                target=actor_thread,
-                args=(
-                    thread_key,
-                    args,
-                    rollout_queues[-1],
-                    params_queues[-1],
-                    writer,
-                    learner_devices,
-                    d_idx * args.num_actor_threads + thread_id,
-                    local_devices[d_id],
-                ),
-                daemon=True,
-            ).start()
+            actor_threads.append(
+                threading.Thread(
+                    target=actor_thread,
+                    args=(
+                        errors,
+                        thread_key,
+                        args,
+                        rollout_queues[-1],
+                        params_queues[-1],
+                        writer,
+                        learner_devices,
+                        d_idx * args.num_actor_threads + thread_id,
+                        local_devices[d_id],
+                        (start_update, global_step),
+                        returned_episode_returns,
+                        stop,
+                        actor_status,
+                    ),
+                    name=f"actor thread {len(actor_threads)}",
+                    daemon=True,
+                )
+            )
+            actor_threads[-1].start()
 
-    start_time = time.time()
+    @atexit.register
+    def shut_down():
+        """However the run ends: stop the actor threads, let them close their environments, close TensorBoard."""
+        stop.set()
+        for thread in actor_threads:
+            thread.join(timeout=10)  # a stuck actor is left to end with the process (a daemon thread)
+        writer.close()
+
+    def receive(thread_id):
+        """The next rollout of an actor thread, None once the run is asked to stop; a failed actor stops the run."""
+        start = time.time()
+        while not stop.is_set():
+            if not errors.empty():
+                thread_name, error = errors.get()
+                raise RuntimeError(f"{thread_name} failed: {type(error).__name__}: {error}") from error
+            try:
+                return rollout_queues[thread_id].get(timeout=1.0)
+            except queue.Empty:
+                if time.time() - start > args.queue_timeout:
+                    status = actor_status[thread_id]
+                    raise TimeoutError(
+                        f"actor thread {thread_id} sent no rollout for {args.queue_timeout:g} s: it is {status}"
+                    )
+        return None
+
+    def training_state():
+        return dict(
+            agent_state=agent_state,
+            meta_state=meta_state,
+            update=update,
+            global_step=global_step,
+            actor_key=actor_key,
+            returns=np.asarray(returned_episode_returns, np.float64),
+        )
+
+    start_time, start_step = time.time(), global_step
     learner_time = learner_wait_time = 0.0  # since the last log
-    last_log = 0
-    for update in range(1, args.num_updates + 1):
+    update = last_log = start_update
+    warned = set()  # saturated meta-parameters, each reported once
+    while update < args.num_updates:
         wait_start = time.time()
-        items = [q.get() for q in rollout_queues]
-        for item in items:
-            if isinstance(item, BaseException):
-                raise RuntimeError("an actor thread failed") from item
+        items = [receive(thread_id) for thread_id in range(len(rollout_queues))]
+        if stop.is_set():
+            break
+        update += 1
         global_step = items[0][0]
         update_start = time.time()
         agent_state, meta_state, metrics = update_fn(agent_state, meta_state, shard_batch([shards for _, shards in items]))
         jax.block_until_ready(metrics)
         learner_wait_time += update_start - wait_start
         learner_time += time.time() - update_start
+        failed = [name for name, bad in jax.device_get(metrics.pop("non_finite")).items() if bad]
+        if failed:
+            last = checkpoint_path if os.path.exists(checkpoint_path) else "none was written"
+            raise SystemExit(
+                f"non-finite {' and '.join(failed)} at update {update}: stopped; the last finite checkpoint: {last}"
+            )
+        for meta_name, flag in jax.device_get(metrics.pop("saturated", {})).items():
+            if flag and meta_name not in warned:
+                warned.add(meta_name)
+                message = f"meta-parameter {meta_name} saturated at update {update}: a sigmoid within 1e-6 of 0 or 1"
+                message += ", meta-gradient 0"
+                print(f"warning: {message}")
+                writer.add_text("warnings", message, global_step)
         if update <= args.num_updates - 2:  # rollout k + 2 acts with these params; later rollouts do not exist
             new_params = (local_params(agent_state), local_eta(meta_state))
             for d_idx, d_id in enumerate(args.actor_device_ids):
@@ -887,8 +1131,8 @@ if __name__ == "__main__":
                     params_queues[d_idx * args.num_actor_threads + thread_id].put(
                         jax.device_put(new_params, local_devices[d_id])
                     )
-        if update % args.log_frequency == 0 or update in (1, args.num_updates):
-            sps = int(global_step / (time.time() - start_time))
+        if (update - start_update) % args.log_frequency == 0 or update in (start_update + 1, args.num_updates):
+            sps = int((global_step - start_step) / (time.time() - start_time))
             busy = learner_time / (learner_time + learner_wait_time)
             metrics = jax.device_get(metrics)
             print(
@@ -909,15 +1153,19 @@ if __name__ == "__main__":
                 writer.add_scalar("meta/grad_norm", metrics.pop("meta_grad_norm"), global_step)
             for name, value in metrics.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
-        if args.save_model and args.save_every and update % args.save_every == 0 and jax.process_index() == 0:
-            save_model(f"runs/{run_name}/{args.exp_name}.flax_model", args, local_params(agent_state), local_eta(meta_state))
+        if args.save_every and update % args.save_every == 0 and jax.process_index() == 0:
+            save_checkpoint(checkpoint_path, args, **training_state())
 
+    if jax.process_index() == 0:
+        save_checkpoint(checkpoint_path, args, **training_state())
+        print(f"checkpoint saved to {checkpoint_path}")
+    print(f"final parameters after update {update}: sha256 {fingerprint(local_params(agent_state))}")
+    if stop_signal:
+        name = signal.Signals(stop_signal[0]).name
+        print(f"stopped by {name} after update {update}; continue with --resume {checkpoint_path}")
+        raise SystemExit(128 + stop_signal[0])
     if args.save_model and jax.process_index() == 0:
-        model_path = f"runs/{run_name}/{args.exp_name}.flax_model"
-        save_model(model_path, args, local_params(agent_state), local_eta(meta_state))
-        print(f"model saved to {model_path}")
-        episodic_returns = evaluate(model_path, args.eval_episodes, seed=args.seed)
+        episodic_returns = evaluate(checkpoint_path, args.eval_episodes, seed=args.seed)
         for idx, episodic_return in enumerate(episodic_returns):
             writer.add_scalar("eval/episodic_return", episodic_return, idx)
         print(f"evaluation over {args.eval_episodes} episodes: mean return {np.mean(episodic_returns):.2f}")
-    writer.close()

@@ -21,12 +21,16 @@ stored rollouts, with the same function as on Snake.
     python mix_metagrad.py --env-id CartPole-v1 --inner-steps 3 --mix
 """
 
+import atexit
 import difflib
+import hashlib
 import importlib
 import json
 import os
+import signal
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Callable, List, NamedTuple, Optional
 
@@ -52,7 +56,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     save_model: bool = False
-    """whether to save the model (params, meta-parameters and args) to `runs/{run_name}` at the end"""
+    """kept for CleanRL's users: the checkpoint `runs/{run_name}/{exp_name}.flax_model` is always saved"""
+    save_every: int = 1000
+    """write the checkpoint after the chunk that reaches every this many updates (0: only at the end and when stopped)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint: its run directory, flags (bar the budget and logging), states and step"""
     log_frequency: int = 50
     """updates per jitted chunk of the training scan; progress is printed and logged after each chunk"""
 
@@ -183,6 +191,20 @@ def check_args(args: Args):
         raise SystemExit("--outer-gamma and --outer-lambda must lie in [0, 1]")
     if args.env_id == "snake_jax" and args.board_size < 2:
         raise SystemExit("--board-size must be at least 2")
+    if args.save_every < 0 or args.total_timesteps < 1:
+        raise SystemExit("--save-every must be >= 0 and --total-timesteps >= 1")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
+        raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    positive = ("learning_rate", "adam_eps", "max_grad_norm", "meta_learning_rate", "meta_grad_clip")
+    if not all(0 < getattr(args, name) < np.inf for name in positive):
+        raise SystemExit(
+            "--learning-rate, --adam-eps, --max-grad-norm, --meta-learning-rate, --meta-grad-clip: positive, finite"
+        )
+    run_root = "runs" if os.path.exists("runs") else "."
+    if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
+        raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
+    if args.resume and not os.access(os.path.dirname(os.path.abspath(args.resume)), os.W_OK):
+        raise SystemExit(f"cannot write the run directory of --resume {args.resume}")
 
 
 def max_pool_2x2(x):
@@ -418,7 +440,9 @@ def meta_update(agent_state, meta_state, rollout, collect, collect_carry, weight
     metrics = dict(first.metrics, grad_norm=optax.global_norm(first.grads), outer_loss=outer_losses[-1])
     metrics["meta_grad_norm"] = optax.global_norm(meta_grads)
     agent_state = agent_state.replace(step=agent_state.step + 1, params=first.params, opt_state=first.opt_state)
-    return agent_state, meta_state.apply_gradients(grads=meta_grads), metrics
+    meta_state = meta_state.apply_gradients(grads=meta_grads)
+    metrics["saturated"] = saturated(meta_state.params, meta_grads)
+    return agent_state, meta_state, metrics
 
 
 def fixed_update(agent_state, meta_state, rollout, args):
@@ -673,36 +697,114 @@ class SummaryWriter:
         self.writer.close()
 
 
-def save_model(path: str, args: Args, params, meta_params):
-    """Write params, meta-parameter logits and args atomically: a crash mid-write leaves the previous file intact."""
+def local_copy(tree):
+    """This process's copy of (replicated) arrays as numpy, also of arrays that span several processes."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)
+
+
+def save_checkpoint(path: str, args: Args, **state):
+    """Write args and `state` (train states, update, global step, keys, returns) atomically: a crash or a full disk
+    mid-write leaves the previous checkpoint intact and no partial file."""
     tmp_path = f"{path}.tmp"
-    payload = {"args": json.dumps(asdict(args)), "params": jax.device_get(params), "meta_params": jax.device_get(meta_params)}
-    with open(tmp_path, "wb") as f:
-        f.write(flax.serialization.to_bytes(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(flax.serialization.to_bytes(dict(local_copy(state), args=json.dumps(asdict(args)))))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise SystemExit(f"could not write the checkpoint {path}: {e.strerror or e}") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """What `save_checkpoint` wrote, as state dicts, with `args` an Args."""
+    with open(path, "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+    return dict(saved, args=Args(**json.loads(saved["args"])))
 
 
 def load_model(path: str):
-    """Return (args, params, meta_params) written by `save_model`."""
-    with open(path, "rb") as f:
-        saved = flax.serialization.msgpack_restore(f.read())
-    return Args(**json.loads(saved["args"])), saved["params"], saved["meta_params"]
+    """Return (args, params, meta_params) of a checkpoint."""
+    saved = load_checkpoint(path)
+    return saved["args"], saved["agent_state"]["params"], saved["meta_state"]["params"]
+
+
+# Flags that may differ from the checkpoint's when a run resumes: its budget and logging, not what it learns.
+RESUME_FLAGS = ("resume", "total_timesteps", "save_model", "save_every")
+
+
+def resume_args(args: Args):
+    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume."""
+    try:
+        saved = load_checkpoint(args.resume)
+    except Exception as e:  # noqa: B902 (a missing file, another format, another script's flags)
+        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {os.path.basename(__file__)} ({e})") from None
+    for name, value in asdict(args).items():
+        if name not in RESUME_FLAGS and value != getattr(Args(), name) and value != getattr(saved["args"], name):
+            raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
+    given = {name: getattr(args, name) for name in RESUME_FLAGS if getattr(args, name) != getattr(Args(), name)}
+    return replace(saved["args"], **given), saved
+
+
+def non_finite(**trees):
+    """Inside jit: for each tree, whether any of its entries is NaN or infinite."""
+    return {
+        name: ~jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)], bool))
+        for name, tree in trees.items()
+    }
+
+
+def saturated(meta_params, meta_grads):
+    """Inside jit: for each meta-parameter, whether an entry's sigmoid is within 1e-6 of 0 or 1 with a zero meta-gradient."""
+    return {k: jnp.any((jnp.abs(jax.nn.sigmoid(v) - 0.5) > 0.5 - 1e-6) & (meta_grads[k] == 0)) for k, v in meta_params.items()}
+
+
+def fingerprint(tree) -> str:
+    """A short hash of the arrays' bytes: runs that end with the same parameters print the same fingerprint."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def report(kind, error, traceback):
+    """One line of cause first, then the traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: {kind.__name__}: {error}", file=sys.stderr, flush=True)
+    sys.__excepthook__(kind, error, traceback)
 
 
 if __name__ == "__main__":
+    sys.excepthook = report
     args = tyro.cli(Args)
+    args, saved = resume_args(args) if args.resume else (args, None)
     check_args(args)
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        """SIGINT, SIGTERM: finish the current chunk, save the checkpoint, exit 128 + signum; a second one exits now."""
+        if stop_signal:
+            os._exit(128 + signum)
+        stop_signal.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     args.batch_size = args.num_envs * args.num_steps
     args.num_updates = max(1, args.total_timesteps // args.batch_size)
     if args.env_id == "snake_jax":  # whole jitted chunks: round up to a multiple of --log-frequency
         args.num_updates = -(-args.num_updates // args.log_frequency) * args.log_frequency
     weights = None if args.inner_steps == 0 else mixing_weights(args.inner_steps, args.kappa, args.mix)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    print(f"run {run_name}: {args.num_updates} updates of {args.batch_size} steps; meta-gradient weights {weights}")
+    run_dir = (
+        os.path.dirname(args.resume)
+        if args.resume
+        else f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
+    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
+    print(f"run {run_dir}: {args.num_updates} updates of {args.batch_size} steps; meta-gradient weights {weights}")
 
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
+    atexit.register(writer.close)
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     )
@@ -741,8 +843,35 @@ if __name__ == "__main__":
     )
     variance_rows = []
     returns_history = []
-    global_step, update, start_time = 0, 0, time.time()
-    for chunk in range(num_chunks):
+    global_step, update = 0, 0
+    if saved:  # Snake continues exactly where it stopped (its state is in the checkpoint); EnvPool's environments restart
+        agent_state = flax.serialization.from_state_dict(agent_state, saved["agent_state"])
+        meta_state = flax.serialization.from_state_dict(meta_state, saved["meta_state"])
+        update, global_step, probe_key = int(saved["update"]), int(saved["global_step"]), saved["probe_key"]
+        returns_history = [tuple(row) for row in saved["returns"]]
+        variance_rows = json.loads(saved["variance"])
+        if snake:
+            env = flax.serialization.from_state_dict(env, saved["env"])
+        else:
+            collector = EnvPoolCollector(envs, network, args.num_steps, jax.random.fold_in(env_key, update))
+        print(f"resumed from {args.resume} at update {update}, global step {global_step}")
+
+    def training_state():
+        return dict(
+            agent_state=agent_state,
+            meta_state=meta_state,
+            update=update,
+            global_step=global_step,
+            probe_key=probe_key,
+            returns=np.asarray(returns_history, np.float64).reshape(-1, 2),
+            variance=json.dumps(variance_rows),
+            env=env if snake else {},
+        )
+
+    start_time, start_step, last_save = time.time(), global_step, update
+    warned = set()  # saturated meta-parameters, each reported once
+    for chunk in range(update // args.log_frequency, num_chunks):
+        chunk_start = update
         if chunk in probe_chunks:
             probe_key, key_k = jax.random.split(probe_key)
             per_step = np.asarray(probe(agent_state, meta_state.params, env, key_k))
@@ -767,7 +896,22 @@ if __name__ == "__main__":
                 update += 1
             metrics, stats = jax.device_get(metrics), collector.pop_stats()
         global_step = update * args.batch_size
-        sps = int(global_step / (time.time() - start_time))
+        failed = non_finite(loss=metrics["loss"], parameters=agent_state.params, meta_parameters=meta_state.params)
+        failed = [name for name, bad in jax.device_get(failed).items() if bad]
+        if failed:
+            last = checkpoint_path if os.path.exists(checkpoint_path) else "none was written"
+            raise SystemExit(
+                f"non-finite {' and '.join(failed)} in updates {chunk_start + 1}-{update}: stopped; "
+                f"the last finite checkpoint: {last}"
+            )
+        for meta_name, flag in metrics.pop("saturated", {}).items():
+            if flag and meta_name not in warned:
+                warned.add(meta_name)
+                message = f"meta-parameter {meta_name} saturated in updates {chunk_start + 1}-{update}: "
+                message += "a sigmoid within 1e-6 of 0 or 1, meta-gradient 0"
+                print(f"warning: {message}")
+                writer.add_text("warnings", message, global_step)
+        sps = int((global_step - start_step) / (time.time() - start_time))
         return_sum, length_sum, episodes = stats
         if episodes:
             returns_history.append((global_step, return_sum / episodes))
@@ -792,6 +936,11 @@ if __name__ == "__main__":
             f"episodic_return={return_sum / max(episodes, 1):.2f} ({int(episodes)} episodes) "
             + " ".join(f"{k.rstrip('_')}={float(v):.4f}" for k, v in meta.items())
         )
+        if args.save_every and update - last_save >= args.save_every:
+            save_checkpoint(checkpoint_path, args, **training_state())
+            last_save = update
+        if stop_signal:
+            break
 
     if variance_rows:
         names = list(variance_rows[0])
@@ -801,12 +950,14 @@ if __name__ == "__main__":
             "normalised meta-gradient std over %d points: " % len(variance_rows)
             + " ".join(f"{k}={mean[k]:.2f}" for k in names)
         )
-        with open(f"runs/{run_name}/variance.json", "w") as f:
+        with open(os.path.join(run_dir, "variance.json"), "w") as f:
             json.dump(dict(points=variance_rows, mean=mean, std_over_points=std), f, indent=1)
     tail = [r for _, r in returns_history[-max(1, len(returns_history) // 10) :]]
     print(f"final episodic_return (mean of the last {len(tail)} logs) {np.mean(tail) if tail else float('nan'):.2f}")
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.flax_model"
-        save_model(model_path, args, agent_state.params, meta_state.params)
-        print(f"model saved to {model_path}")
-    writer.close()
+    save_checkpoint(checkpoint_path, args, **training_state())
+    print(f"checkpoint saved to {checkpoint_path}")
+    print(f"final parameters after update {update}: sha256 {fingerprint(agent_state.params)}")
+    if stop_signal:
+        name = signal.Signals(stop_signal[0]).name
+        print(f"stopped by {name} after update {update}; continue with --resume {checkpoint_path}")
+        raise SystemExit(128 + stop_signal[0])

@@ -13,8 +13,11 @@ with more inner steps (Fig. 4).
     python mrp_metagrad.py --inner-steps 1 --num-updates 500 --mc-samples 64
 """
 
+import atexit
 import csv
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List
@@ -201,18 +204,47 @@ def plot_gammas(trajectories: dict, path: str) -> bool:
     return True
 
 
+def report(kind, error, traceback):
+    """One line of cause first, then the traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: {kind.__name__}: {error}", file=sys.stderr, flush=True)
+    sys.__excepthook__(kind, error, traceback)
+
+
 if __name__ == "__main__":
+    sys.excepthook = report
     args = tyro.cli(Args)
     if min(args.num_updates, args.batch_size, args.mc_samples, *args.inner_steps) < 1 or not 0 < args.gamma < 1:
         raise SystemExit("--num-updates, --batch-size, --mc-samples and --inner-steps must be positive; --gamma in (0, 1)")
     if args.adam_eps_root <= 0:
         raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
+    if not (0 < args.learning_rate < np.inf and 0 < args.meta_learning_rate < np.inf):
+        raise SystemExit("--learning-rate and --meta-learning-rate must be positive and finite")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
+        raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    run_root = "runs" if os.path.exists("runs") else "."
+    if not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
+        raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
+    stop_signal = []  # SIGINT, SIGTERM: finish the current n (one jitted run), write what is done, exit 128 + signum
+
+    def request_stop(signum, frame):
+        if stop_signal:  # a second signal: exit now
+            os._exit(128 + signum)
+        stop_signal.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     run_name = f"mrp__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(f"runs/{run_name}")
+    atexit.register(writer.close)
     trajectories = {}
     for n in args.inner_steps:
+        if stop_signal:
+            break
         start = time.time()
         gammas, inner_losses, mses = jax.device_get(make_train(args, n)(jax.random.PRNGKey(args.seed)))
+        bad = ~(np.isfinite(gammas).all(-1) & np.isfinite(inner_losses) & np.isfinite(mses))
+        if bad.any():
+            raise SystemExit(f"n = {n}: non-finite gammas or losses from update {int(np.argmax(bad))}: stopped")
         trajectories[n] = gammas
         for u in range(0, args.num_updates, max(1, args.num_updates // 200)):
             for i in range(NUM_STATES):
@@ -233,4 +265,5 @@ if __name__ == "__main__":
         f"gamma trajectories: {csv_path}"
         + (f", plot {plot_path}" if plot_gammas(trajectories, plot_path) else " (no plot: matplotlib missing)")
     )
-    writer.close()
+    if stop_signal:
+        raise SystemExit(128 + stop_signal[0])

@@ -292,7 +292,7 @@ def test_learns_cartpole_gamma_and_lambda_move_and_the_saved_model_evaluates(tmp
 
 
 @pytest.mark.parametrize(
-    "env_id,variant", [("Breakout-v5", []), ("Breakout-v5", ["--no-eta-embedding"]), ("CartPole-v1", ["--meta-learn", "none"])]
+    "env_id,variant", [("Breakout-v5", []), ("CartPole-v1", ["--no-eta-embedding"]), ("CartPole-v1", ["--meta-learn", "none"])]
 )
 def test_smoke_run(tmp_path, env_id, variant):
     result = run_script(

@@ -3,6 +3,8 @@ auxiliary heads never act, two devices, learning, smoke runs."""
 
 import os
 import queue
+import threading
+from collections import deque
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +168,10 @@ def test_auxiliary_heads_never_choose_actions(tmp_path):
     params_queue.put(params)
     device = jax.devices()[0]
     writer = stacx.SummaryWriter(str(tmp_path))
-    stacx.rollout(jax.random.PRNGKey(1), args, rollout_queue, params_queue, writer, [device], 0, device)
+    stop, status, returns = threading.Event(), ["starting"], deque(maxlen=100)
+    stacx.rollout(
+        jax.random.PRNGKey(1), args, rollout_queue, params_queue, writer, [device], 0, device, (0, 0), returns, stop, status
+    )
     writer.close()
     _, shards = rollout_queue.get()
     obs, behaviour_logits = np.asarray(shards["obs"][0]), np.asarray(shards["behaviour_logits"][0])

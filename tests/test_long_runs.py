@@ -1,0 +1,304 @@
+"""Runs that survive: checkpoints and --resume, the non-finite guard, clean stops on signals and errors, flags checked
+before anything is written, and --distributed with two processes."""
+
+import errno
+import glob
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_qr_impala_run import ROOT, only_run_dir, run_script, scalars
+
+import drmg
+import mg
+import mix_metagrad
+import qr_impala
+import stacx
+
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+from learner_setup import learner, script_args  # noqa: E402
+
+CARTPOLE = ["--env-id", "CartPole-v1", "--local-num-envs", "4", "--num-steps", "8", "--log-frequency", "2"]
+IMPALA_FAMILY = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
+
+
+def checkpoint_of(run_dir, script):
+    return mix_metagrad.load_checkpoint if script == "mix_metagrad" else IMPALA_FAMILY[script].load_checkpoint
+
+
+@pytest.mark.parametrize("name", IMPALA_FAMILY)
+def test_checkpoint_round_trip_restores_every_state(tmp_path, name):
+    """Train states (parameters, optimiser states, step counts), meta-states, update, step, key and returns come back
+    exactly, into the structures the script builds."""
+    module = IMPALA_FAMILY[name]
+    args = script_args(name, "CartPole-v1", local_num_envs=4, num_actor_threads=1, num_steps=8)
+    _, states, _ = learner(name, args, SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32)), 2)
+    rng = np.random.default_rng(0)
+    perturb = lambda x: np.asarray(x) + (rng.normal(size=np.shape(x)) if np.asarray(x).dtype.kind == "f" else 7)  # noqa: E731
+    states = jax.tree.map(lambda x: perturb(x).astype(np.asarray(x).dtype), states)
+    saved = dict(zip(["agent_state", "meta_state"], states))
+    path = str(tmp_path / "model.flax_model")
+    key, returns = jax.random.PRNGKey(3), np.array([1.0, 2.5])
+    module.save_checkpoint(path, args, update=12, global_step=384, actor_key=key, returns=returns, **saved)
+    loaded = module.load_checkpoint(path)
+    assert loaded["args"] == args and int(loaded["update"]) == 12 and int(loaded["global_step"]) == 384
+    np.testing.assert_array_equal(loaded["actor_key"], key)
+    np.testing.assert_array_equal(loaded["returns"], returns)
+    for field, state in saved.items():
+        restored = flax.serialization.from_state_dict(state, loaded[field])
+        assert jax.tree.structure(restored) == jax.tree.structure(state)
+        jax.tree.map(np.testing.assert_array_equal, restored, state)
+    assert os.listdir(tmp_path) == ["model.flax_model"]
+
+
+def test_a_failed_save_removes_its_partial_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    args, path = qr_impala.Args(), str(tmp_path / "model.flax_model")
+    qr_impala.save_checkpoint(path, args, update=1)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(SystemExit, match="could not write the checkpoint .*: No space left on device"):
+        qr_impala.save_checkpoint(path, args, update=2)
+    assert os.listdir(tmp_path) == ["model.flax_model"] and int(qr_impala.load_checkpoint(path)["update"]) == 1
+
+
+@pytest.mark.parametrize("script", ["drmg"])
+def test_resume_continues_the_run_in_its_directory_from_its_update_and_step(tmp_path, script):
+    first = run_script(tmp_path, *CARTPOLE, "--total-timesteps", "256", "--no-anneal-lr", script=f"{script}.py")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    path = os.path.join(run_dir, f"{script}.flax_model")
+    after_first = checkpoint_of(run_dir, script)(path)
+    assert int(after_first["update"]) == 4 and int(after_first["global_step"]) == 256
+    second = run_script(tmp_path, "--resume", path, "--total-timesteps", "512", script=f"{script}.py")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from {path} at update 4, global step 256" in second.stdout and "update 5/8 " in second.stdout
+    assert only_run_dir(tmp_path) == run_dir and len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 2
+    after_second = checkpoint_of(run_dir, script)(path)
+    assert int(after_second["update"]) == 8 and int(after_second["global_step"]) == 512
+    assert int(after_second["agent_state"]["step"]) == 8  # the optimiser's count (and schedule) went on from 4
+    moved = jax.tree.map(
+        lambda a, b: np.abs(a - b).max(), after_first["agent_state"]["params"], after_second["agent_state"]["params"]
+    )
+    assert max(jax.tree.leaves(moved)) > 0
+    if script == "drmg":
+        assert int(after_second["meta_state"]["step"]) == 8
+        assert np.abs(after_first["meta_state"]["params"]["gamma"] - after_second["meta_state"]["params"]["gamma"]).max() > 0
+    steps = scalars(run_dir)["charts/SPS"]
+    assert len(steps) >= 6  # updates 2, 4 of the first part and 5, 6, 8 of the second, all in one run directory
+
+
+def test_a_resumed_run_refuses_flags_that_change_what_it_learns(tmp_path, monkeypatch):
+    path = str(tmp_path / "qr_impala.flax_model")
+    qr_impala.save_checkpoint(path, qr_impala.Args(env_id="CartPole-v1"), update=1)
+    message = refusal(tmp_path, monkeypatch, "qr_impala", "--resume", path, "--learning-rate", "0.1")
+    assert message == "--resume continues a run with its own flags: --learning-rate cannot change"
+
+
+def test_snake_resumed_equals_uninterrupted(tmp_path):
+    """mix_metagrad.py on snake_jax keeps the games' state in its checkpoint: stopping and resuming changes nothing."""
+    flags = ["--num-envs", "4", "--num-steps", "5", "--log-frequency", "4", "--no-anneal-lr", "--inner-steps", "1"]
+    os.makedirs(tmp_path / "whole")
+    whole = run_script(tmp_path / "whole", *flags, "--total-timesteps", "160", script="mix_metagrad.py")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    os.makedirs(tmp_path / "parts")
+    part = run_script(tmp_path / "parts", *flags, "--total-timesteps", "80", script="mix_metagrad.py")
+    assert part.returncode == 0, part.stderr[-3000:]
+    path = os.path.join(only_run_dir(tmp_path / "parts"), "mix_metagrad.flax_model")
+    resumed = run_script(tmp_path / "parts", "--resume", path, "--total-timesteps", "160", script="mix_metagrad.py")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fingerprints = [line for line in whole.stdout.splitlines() + resumed.stdout.splitlines() if "sha256" in line]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1] and "after update 8" in fingerprints[0]
+    a = mix_metagrad.load_checkpoint(os.path.join(only_run_dir(tmp_path / "whole"), "mix_metagrad.flax_model"))
+    b = mix_metagrad.load_checkpoint(path)
+    for field in ["agent_state", "meta_state", "env"]:
+        jax.tree.map(np.testing.assert_array_equal, a[field], b[field])
+
+
+def test_divergence_stops_at_its_update_and_keeps_the_last_finite_checkpoint(tmp_path):
+    result = run_script(
+        tmp_path, *CARTPOLE, "--total-timesteps", "4000", "--learning-rate", "1e17", "--no-anneal-lr", "--save-every", "1"
+    )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if "non-finite" in line]
+    assert line.startswith("non-finite") and "parameters" in line and "at update 2: stopped" in line, line
+    saved = qr_impala.load_checkpoint(os.path.join(only_run_dir(tmp_path), "qr_impala.flax_model"))
+    assert int(saved["update"]) == 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["agent_state"]))
+    assert "Traceback" not in result.stderr
+
+
+def test_saturated_flags_a_sigmoid_at_its_bound_with_a_zero_meta_gradient():
+    logits = {"a": jnp.array([30.0, 0.0]), "b": jnp.array(-30.0), "c": jnp.array(30.0)}
+    grads = {"a": jnp.array([0.0, 0.0]), "b": jnp.array(0.0), "c": jnp.array(1e-3)}
+    assert {k: bool(v) for k, v in drmg.saturated(logits, grads).items()} == {"a": True, "b": True, "c": False}
+
+
+@pytest.mark.parametrize(
+    "script,signum", [("qr_impala", signal.SIGINT), ("drmg", signal.SIGTERM), ("mix_metagrad", signal.SIGTERM)]
+)
+def test_a_signal_stops_the_run_with_a_checkpoint_and_a_closed_event_file(tmp_path, script, signum):
+    flags = ["--num-envs", "4", "--num-steps", "5", "--log-frequency", "2"] if script == "mix_metagrad" else CARTPOLE
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--total-timesteps", "100000000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:
+        if line.startswith("update "):
+            break
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert f"stopped by {signal.Signals(signum).name} after update" in stdout
+    assert "Traceback" not in stderr and "terminate called" not in stderr
+    run_dir = only_run_dir(tmp_path)
+    saved = checkpoint_of(run_dir, script)(os.path.join(run_dir, f"{script}.flax_model"))
+    assert int(saved["update"]) >= 1
+    logged = scalars(run_dir)
+    assert max(logged["charts/SPS"]) > 0  # the events were flushed and the file closed
+
+
+FAILURES = {
+    "raises": (
+        "raise ValueError('the environment broke')",
+        "RuntimeError: actor thread 0 failed: ValueError: the environment broke",
+    ),
+    "hangs": ("time.sleep(10)", "TimeoutError: actor thread 0 sent no rollout for 4 s: it is stepping its environments"),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_an_actor_that_fails_or_hangs_stops_the_run_with_one_line_of_cause_first(tmp_path, failure):
+    """An environment that raises (or blocks) inside an actor thread: exit 1, its cause on the first line of stderr."""
+    statement, cause = FAILURES[failure]
+    timeout = ["--queue-timeout", "4"] if failure == "hangs" else []
+    (tmp_path / "crash_jax.py").write_text(
+        "import time\n\nimport snake_jax\n\n"
+        "class Crashing(snake_jax.SnakeVecEnv):\n"
+        "    calls = 0\n\n"
+        "    def step(self, actions):\n"
+        "        self.calls += 1\n"
+        "        if self.calls == 12:\n"
+        f"            {statement}\n"
+        "        return super().step(actions)\n\n\n"
+        "def make_vec_env(num_envs, seed):\n"
+        "    return Crashing(num_envs=num_envs, seed=seed)\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "qr_impala.py"), "--env-id", "crash_jax", "--local-num-envs", "4"]
+        + ["--num-steps", "4", "--total-timesteps", "100000", "--num-actor-threads", "1", *timeout],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    first = [line for line in result.stderr.splitlines() if "Warn" not in line and "warn(" not in line][0]
+    assert first == f"qr_impala.py: {cause}", first
+    assert "terminate called" not in result.stderr
+
+
+BAD_FLAGS = [
+    (["--exp-name", "a/b"], "must be a file name"),
+    (["--eval-episodes", "0"], "--eval-episodes"),
+    (["--log-frequency", "0"], "--log-frequency"),
+    (["--save-every", "-1"], "--save-every"),
+    (["--total-timesteps", "0"], "--total-timesteps"),
+    (["--learner-device-ids", "0", "0"], "must be >= 0 and distinct"),
+    (["--learner-device-ids", "-1"], "must be >= 0 and distinct"),
+    (["--learner-device-ids", "5"], "this process has 2 devices"),
+    (["--actor-device-ids", "3"], "this process has 2 devices"),
+    (["--rmsprop-eps", "0"], "--rmsprop-eps"),
+    (["--learning-rate", "-1"], "--learning-rate"),
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--process-id", "1"], "go with --distributed"),
+    (["--resume", "missing.flax_model"], "not a checkpoint of"),
+    (["--resume", "garbage.flax_model"], "not a checkpoint of"),
+]
+
+
+def refusal(tmp_path, monkeypatch, script, *flags):
+    """Run a script's main in this process (no start-up cost) and return the one line it exits with; nothing may have
+    been written to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *flags])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(os.path.join(ROOT, f"{script}.py"), run_name="__main__")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    message = stopped.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_fail_with_one_line_before_anything_is_written(tmp_path, monkeypatch, flags, message):
+    (tmp_path / "garbage.flax_model").write_bytes(b"not msgpack at all")
+    short = ["--total-timesteps", "64", *CARTPOLE]  # a script that misses the flag trains for one short update
+    assert message in refusal(tmp_path, monkeypatch, "qr_impala", *short, *flags)
+    assert sorted(os.listdir(tmp_path)) == ["garbage.flax_model"]
+
+
+@pytest.mark.parametrize("script", ["drmg", "mg", "stacx", "mix_metagrad"])
+def test_the_siblings_check_their_flags_too(tmp_path, monkeypatch, script):
+    (tmp_path / "runs").write_text("a file where the run directory should be")
+    for flags, message in [(["--meta-learning-rate", "0"], "--meta-learning-rate"), ([], "is not a writable directory")]:
+        assert message in refusal(tmp_path, monkeypatch, script, *flags, "--env-id", "CartPole-v1")
+    assert os.listdir(tmp_path) == ["runs"]
+
+
+def test_a_bad_flag_exits_with_code_1_and_one_line_on_stderr(tmp_path):
+    result = run_script(tmp_path, "--env-id", "CartPole-v1", "--log-frequency", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0"
+    )
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_the_same_parameters_and_only_process_0_writes(tmp_path):
+    flags = [*CARTPOLE, "--total-timesteps", "512", "--distributed", "--num-processes", "2"]
+    flags += ["--coordinator-address", f"127.0.0.1:{free_port()}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    command = [sys.executable, os.path.join(ROOT, "drmg.py"), *flags, "--process-id"]
+    processes = [
+        subprocess.Popen(command + [str(i)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (stdout, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    fingerprints = [[line for line in stdout.splitlines() if "sha256" in line] for stdout, _ in outputs]
+    assert fingerprints[0] == fingerprints[1] and len(fingerprints[0]) == 1
+    assert "global_step=512" in outputs[0][0]  # 2 processes x 2 threads x 4 envs x 8 steps per update
+    run_dir = only_run_dir(tmp_path)  # only process 0 wrote one
+    assert os.path.exists(os.path.join(run_dir, "drmg.flax_model"))
