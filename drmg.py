@@ -105,7 +105,7 @@ class Args:
     pg_rho_bar: float = 1.0
     """clipping threshold of the importance ratio of the policy gradient (c-bar of eq. 11)"""
     huber_kappa: float = 1.0
-    """kappa of the quantile Huber loss (eq. 2)"""
+    """kappa of the quantile Huber loss (eq. 2); 0: the plain quantile regression loss |tau - 1{u < 0}| |u| (eq. 1)"""
     value_coef: float = 0.5
     """w'_Z, reference weight of the quantile value loss (of each quantile); the inner w_Z is w'_Z x sigmoid(logit)"""
     policy_coef: float = 1.0
@@ -214,6 +214,8 @@ def check_args(args: Args):
         raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
     if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
         raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
+    if not 0 <= args.huber_kappa < np.inf:
+        raise SystemExit(f"--huber-kappa {args.huber_kappa}: must be >= 0 (0: the plain quantile loss of eq. 1)")
     if args.meta_learn == "all" and not (0 < args.gamma < 1 and 0 < args.lambda_ < 1 and 0 < args.alpha < 1):
         raise SystemExit("learnt --gamma, --lambda_ and --alpha are sigmoids: their initial values must lie in (0, 1)")
     if not (0 < args.weight_init < 1 or (args.meta_learn == "none" and args.weight_init == 1)):
@@ -382,12 +384,13 @@ def quantile_huber_loss(quantiles, targets, kappa: float = 1.0):
     """Quantile Huber loss of each source quantile (eq. 1-3), averaged over the target atoms.
 
     quantiles: [..., N] predictions Z_i at midpoints tau_i; targets: [..., M] target atoms (stop their gradient
-    outside). Returns [..., N]: mean_j |tau_i - 1{u < 0}| Huber_kappa(u) with u = target_j - Z_i.
+    outside). Returns [..., N]: mean_j |tau_i - 1{u < 0}| Huber_kappa(u) with u = target_j - Z_i; kappa = 0 gives the
+    quantile regression loss |tau_i - 1{u < 0}| |u| of eq. 1 (Huber_kappa would vanish).
     """
     taus = quantile_midpoints(quantiles.shape[-1])
     u = targets[..., None, :] - quantiles[..., :, None]  # [..., N, M]
     abs_u = jnp.abs(u)
-    huber = jnp.where(abs_u <= kappa, 0.5 * u**2, kappa * (abs_u - 0.5 * kappa))  # eq. 2
+    huber = abs_u if kappa == 0 else jnp.where(abs_u <= kappa, 0.5 * u**2, kappa * (abs_u - 0.5 * kappa))  # eq. 1, 2
     weight = jnp.abs(taus[:, None] - jax.lax.stop_gradient((u < 0).astype(u.dtype)))  # eq. 3
     return jnp.mean(weight * huber, axis=-1)
 

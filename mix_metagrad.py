@@ -118,7 +118,8 @@ class Args:
 
     # Variance mode (Table 1, second row; snake_jax only)
     variance_points: int = 0
-    """K: points, evenly spread along the run, at which the meta-gradient std of every estimator is measured (0: off)"""
+    """K: points, evenly spread after the first log-frequency updates up to the end, at which the meta-gradient std of
+    every estimator is measured (0: off)"""
     variance_samples: int = 96
     """M: meta-gradients per point and estimator (paper: 96 at 300 points)"""
     variance_batch: int = 1
@@ -361,7 +362,8 @@ def make_optimizer(args: Args):
     """Adam with eps_root > 0 (a finite second derivative for the meta-gradient), global-norm clipping, linear annealing."""
 
     def linear_schedule(count):
-        return args.learning_rate * (1.0 - count / args.num_updates)
+        # the look-ahead steps of the last n - 1 updates run past num_updates: they keep the schedule's last value
+        return args.learning_rate * (1.0 - jnp.minimum(count, args.num_updates - 1) / args.num_updates)
 
     learning_rate = linear_schedule if args.anneal_lr else args.learning_rate
     return optax.chain(
@@ -838,8 +840,9 @@ if __name__ == "__main__":
         inner_step, envpool_update = make_envpool_update(args, weights)
 
     num_chunks = -(-args.num_updates // args.log_frequency)
+    # the variance is measured after chunks 1..num_chunks, evenly spread, never before the first real update
     probe_chunks = (
-        set(np.linspace(0, num_chunks - 1, args.variance_points).round().astype(int)) if args.variance_points else set()
+        set(np.linspace(1, num_chunks, args.variance_points).round().astype(int)) if args.variance_points else set()
     )
     variance_rows = []
     returns_history = []
@@ -872,14 +875,6 @@ if __name__ == "__main__":
     warned = set()  # saturated meta-parameters, each reported once
     for chunk in range(update // args.log_frequency, num_chunks):
         chunk_start = update
-        if chunk in probe_chunks:
-            probe_key, key_k = jax.random.split(probe_key)
-            per_step = np.asarray(probe(agent_state, meta_state.params, env, key_k))
-            ratios = normalised_meta_gradient_std(per_step, variance_estimators(args))
-            variance_rows.append(ratios)
-            for name, value in ratios.items():
-                writer.add_scalar(f"variance/{name}", value, global_step)
-            print(f"variance at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
         if snake:
             agent_state, meta_state, env, metrics, stats = train_chunk(agent_state, meta_state, env)
             metrics, stats = jax.device_get((metrics, stats))
@@ -911,6 +906,14 @@ if __name__ == "__main__":
                 message += "a sigmoid within 1e-6 of 0 or 1, meta-gradient 0"
                 print(f"warning: {message}")
                 writer.add_text("warnings", message, global_step)
+        if chunk + 1 in probe_chunks:  # after real updates: a fresh Adam's first step is ~sign(g), an artefact here
+            probe_key, key_k = jax.random.split(probe_key)
+            per_step = np.asarray(probe(agent_state, meta_state.params, env, key_k))
+            ratios = normalised_meta_gradient_std(per_step, variance_estimators(args))
+            variance_rows.append(ratios)
+            for name, value in ratios.items():
+                writer.add_scalar(f"variance/{name}", value, global_step)
+            print(f"variance at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
         sps = int((global_step - start_step) / (time.time() - start_time))
         return_sum, length_sum, episodes = stats
         if episodes:

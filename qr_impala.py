@@ -101,7 +101,7 @@ class Args:
     pg_rho_bar: float = 1.0
     """clipping threshold of the importance ratio of the policy gradient (c-bar of eq. 11)"""
     huber_kappa: float = 1.0
-    """kappa of the quantile Huber loss (eq. 2)"""
+    """kappa of the quantile Huber loss (eq. 2); 0: the plain quantile regression loss |tau - 1{u < 0}| |u| (eq. 1)"""
     value_coef: float = 0.5
     """w_Z, weight of the quantile value loss (of each quantile; the loss averages over quantiles)"""
     policy_coef: float = 1.0
@@ -190,6 +190,8 @@ def check_args(args: Args):
         raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
     if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
         raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
+    if not 0 <= args.huber_kappa < np.inf:
+        raise SystemExit(f"--huber-kappa {args.huber_kappa}: must be >= 0 (0: the plain quantile loss of eq. 1)")
     if args.log_frequency < 1 or args.eval_episodes < 1 or args.save_every < 0 or args.total_timesteps < 1:
         raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
@@ -349,12 +351,13 @@ def quantile_huber_loss(quantiles, targets, kappa: float = 1.0):
     """Quantile Huber loss of each source quantile (eq. 1-3), averaged over the target atoms.
 
     quantiles: [..., N] predictions Z_i at midpoints tau_i; targets: [..., M] target atoms (stop their gradient
-    outside). Returns [..., N]: mean_j |tau_i - 1{u < 0}| Huber_kappa(u) with u = target_j - Z_i.
+    outside). Returns [..., N]: mean_j |tau_i - 1{u < 0}| Huber_kappa(u) with u = target_j - Z_i; kappa = 0 gives the
+    quantile regression loss |tau_i - 1{u < 0}| |u| of eq. 1 (Huber_kappa would vanish).
     """
     taus = quantile_midpoints(quantiles.shape[-1])
     u = targets[..., None, :] - quantiles[..., :, None]  # [..., N, M]
     abs_u = jnp.abs(u)
-    huber = jnp.where(abs_u <= kappa, 0.5 * u**2, kappa * (abs_u - 0.5 * kappa))  # eq. 2
+    huber = abs_u if kappa == 0 else jnp.where(abs_u <= kappa, 0.5 * u**2, kappa * (abs_u - 0.5 * kappa))  # eq. 1, 2
     weight = jnp.abs(taus[:, None] - jax.lax.stop_gradient((u < 0).astype(u.dtype)))  # eq. 3
     return jnp.mean(weight * huber, axis=-1)
 

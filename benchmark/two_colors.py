@@ -1,9 +1,9 @@
 """Figure 1 of the DrMG paper (paper 000 §5.1): DrMG, MG and QR on the two-colors grid world, whose key rewards swap
 every 1e5 environment steps. Does the agent that learns a return distribution re-adapt faster after a swap?
 
-Runs `qr_impala.py` (QR), `drmg.py` (DrMG) and `mg.py` (MG) as subprocesses on `--env-id two_colors_jax` with the same
-hyperparameters and several seeds (one actor thread, so that every logged episode counts and the global step counter of
-the environment is the scripts' `global_step`), reads `charts/episodic_return` from their TensorBoard logs, and writes
+Runs DrMG (`drmg.py`), MG (`mg.py`) and QR as subprocesses on `--env-id two_colors_jax` with the same hyperparameters
+and several seeds (one actor thread, so that every logged episode counts and the global step counter of the environment
+is the scripts' `global_step`), reads `charts/episodic_return` from their TensorBoard logs, and writes
     benchmark/results/two_colors.csv           mean episodic return per seed and step bin
     benchmark/results/two_colors_toggles.csv   re-adaptation measures per algorithm, seed and toggle
     benchmark/results/two_colors.png           the curves (mean over seeds, min-max band), toggles marked
@@ -19,6 +19,10 @@ agents have learnt the task), on the returns binned by --bin-steps:
                substantially higher return")
 `colour` says which key is worth 0.7 after the toggle (0 before the first toggle, then 1, 0, ...).
 
+QR is DrMG({}) (paper 000 §5.3): `drmg.py --meta-learn none`, the same agent with its initial eta and nothing
+meta-learnt. MG starts from DrMG's gamma, lambda and loss weights (0.99 w'); it has no leaky v-trace (alpha = 1).
+Before running, the script checks that the agents it launches share their initial eta (`initial_eta`).
+
 Run (matplotlib, from requirements.txt, is imported only for the plot):
     nice -n 10 python benchmark/two_colors.py --seeds 1 2 3          # runs what is missing, then tables and plot
     python benchmark/two_colors.py --no-run                          # tables and plot from the runs already there
@@ -26,6 +30,7 @@ Run (matplotlib, from requirements.txt, is imported only for the plot):
 
 import csv
 import glob
+import importlib
 import os
 import shlex
 import subprocess
@@ -40,13 +45,19 @@ import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LABELS = {"drmg": "DrMG", "mg": "MG", "qr_impala": "QR"}
+LABELS = {"drmg": "DrMG", "mg": "MG", "qr": "QR"}
+# agent: (script, its own flags). MG's fixed loss weights are DrMG's initial ones, weight_init 0.99 times w'.
+AGENTS = {
+    "drmg": ("drmg", []),
+    "mg": ("mg", ["--value-coef", "0.495", "--policy-coef", "0.99", "--ent-coef", "0.0099"]),
+    "qr": ("drmg", ["--meta-learn", "none"]),
+}
 
 
 @dataclass
 class Args:
-    algorithms: List[str] = field(default_factory=lambda: ["drmg", "mg", "qr_impala"])
-    """the scripts to compare (file names without .py)"""
+    algorithms: List[str] = field(default_factory=lambda: ["drmg", "mg", "qr"])
+    """the agents to compare (keys of AGENTS)"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
     """one run per algorithm and seed"""
     total_timesteps: int = 600_000
@@ -59,7 +70,7 @@ class Args:
     )
     """the hyperparameters shared by every script (the rest are each script's defaults); pass as --flags='...'"""
     meta_flags: str = ""
-    """appended for the meta-gradient scripts only (drmg, mg), e.g. --meta-flags='--meta-learning-rate 1e-2'"""
+    """appended for the agents that meta-learn (drmg, mg), e.g. --meta-flags='--meta-learning-rate 1e-2'"""
     runs_dir: str = os.path.join(ROOT, "runs", "two_colors_benchmark")
     """each run works in runs_dir/{algorithm}_seed{seed}; a run whose log reaches total_timesteps is not run again"""
     run: bool = True
@@ -96,13 +107,51 @@ def episodic_returns(work_dir: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([e.step for e in events]), np.array([e.value for e in events])
 
 
+def script_flags(args: Args, algorithm: str) -> tuple[str, list[str]]:
+    """(script, flags) of an agent, without seed and budget."""
+    script, own = AGENTS[algorithm]
+    return script, [*shlex.split(args.flags), *own, *(shlex.split(args.meta_flags) if algorithm != "qr" else [])]
+
+
 def command(args: Args, algorithm: str, seed: int) -> list[str]:
+    script, flags = script_flags(args, algorithm)
     return [
-        *["nice", "-n", "10", sys.executable, os.path.join(ROOT, f"{algorithm}.py")],
+        *["nice", "-n", "10", sys.executable, os.path.join(ROOT, f"{script}.py")],
         *["--env-id", "two_colors_jax", "--seed", str(seed), "--total-timesteps", str(args.total_timesteps)],
-        *shlex.split(args.flags),
-        *(shlex.split(args.meta_flags) if algorithm != "qr_impala" else []),
+        *flags,
     ]
+
+
+def initial_eta(script: str, flags: list[str]) -> dict:
+    """The eta an agent starts from, read from the script's own Args and meta-parameter functions: gamma, lambda, alpha
+    (1 where the return has no leaky v-trace) and the loss weights w_value, w_pi, w_entropy (one number each)."""
+    sys.path.insert(0, ROOT)
+    module = importlib.import_module(script)
+    script_args = tyro.cli(module.Args, args=flags)
+    eta = {k: np.asarray(v) for k, v in module.hyperparameters(module.init_meta_params(script_args), script_args).items()}
+    for name, value in eta.items():  # per-quantile entries all start equal
+        assert np.all(value == value.flat[0]), (script, name)
+    eta = {k: float(v.flat[0]) for k, v in eta.items()}
+    return dict(
+        gamma=eta["gamma"],
+        lambda_=eta["lambda_"],
+        alpha=eta.get("alpha", 1.0),
+        w_value=eta["w_z"] if "w_z" in eta else eta["w_v"],
+        w_pi=eta["w_pi"],
+        w_entropy=eta["w_h"],
+    )
+
+
+def check_initial_eta(args: Args):
+    """The agents launched must start from the same eta (MG without alpha); stop with one line otherwise."""
+    etas = {algorithm: initial_eta(*script_flags(args, algorithm)) for algorithm in args.algorithms}
+    reference = etas.get("drmg", initial_eta(*script_flags(args, "drmg")))
+    for algorithm, eta in etas.items():
+        compared = [k for k in eta if not (algorithm == "mg" and k == "alpha")]  # MG has no leaky v-trace
+        differs = [k for k in compared if not np.isclose(eta[k], reference[k], rtol=1e-6)]
+        if differs:
+            raise SystemExit(f"{algorithm} does not start from DrMG's eta: {differs} ({eta} vs {reference})")
+    return etas
 
 
 def run_missing(args: Args):
@@ -207,6 +256,8 @@ def plot(path: str, bins: np.ndarray, curves: dict, args: Args):
 
 def main(args: Args):
     warnings.simplefilter("ignore", RuntimeWarning)  # means of empty slices (no toggle of a group, a run never recovered)
+    for algorithm, eta in check_initial_eta(args).items():
+        print(f"{LABELS.get(algorithm, algorithm)} starts from " + ", ".join(f"{k}={v:.6g}" for k, v in eta.items()))
     if args.run:
         run_missing(args)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -227,6 +227,7 @@ BAD_FLAGS = [
     (["--learner-device-ids", "5"], "this process has 2 devices"),
     (["--actor-device-ids", "3"], "this process has 2 devices"),
     (["--rmsprop-eps", "0"], "--rmsprop-eps"),
+    (["--huber-kappa", "-1"], "--huber-kappa"),
     (["--learning-rate", "-1"], "--learning-rate"),
     (["--learning-rate", "inf"], "--learning-rate"),
     (["--process-id", "1"], "go with --distributed"),
@@ -264,7 +265,9 @@ def test_bad_flags_fail_with_one_line_before_anything_is_written(tmp_path, monke
 @pytest.mark.parametrize("script", ["drmg", "mg", "stacx", "mix_metagrad"])
 def test_the_siblings_check_their_flags_too(tmp_path, monkeypatch, script):
     (tmp_path / "runs").write_text("a file where the run directory should be")
-    for flags, message in [(["--meta-learning-rate", "0"], "--meta-learning-rate"), ([], "is not a writable directory")]:
+    cases = [(["--meta-learning-rate", "0"], "--meta-learning-rate"), ([], "is not a writable directory")]
+    cases += [(["--huber-kappa", "-0.5"], "--huber-kappa")] if script == "drmg" else []
+    for flags, message in cases:
         assert message in refusal(tmp_path, monkeypatch, script, *flags, "--env-id", "CartPole-v1")
     assert os.listdir(tmp_path) == ["runs"]
 

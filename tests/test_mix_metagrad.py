@@ -14,6 +14,7 @@ import optax
 import pytest
 import rlax
 from flax.training.train_state import TrainState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_qr_impala_run import only_run_dir, run_script, scalars
 
 import mix_metagrad as mm
@@ -212,6 +213,20 @@ def test_per_step_meta_gradients_give_the_n_step_and_mixed_meta_gradients(comput
     np.testing.assert_allclose(WEIGHTINGS["3-mix"] @ rows, computed["3-mix"], rtol=1e-8)
 
 
+def test_the_look_ahead_learning_rate_never_goes_below_the_schedules_last_value():
+    """Adam on a constant gradient steps by about the learning rate: 3 real updates, then look-ahead steps past them."""
+    args = mm.Args(learning_rate=0.3, adam_eps=1e-12)
+    args.num_updates = 3
+    tx = mm.make_optimizer(args)
+    params, grads = jnp.ones(()), jnp.full((), 0.01)
+    state, steps = tx.init(params), []
+    for _ in range(6):
+        updates, state = tx.update(grads, state, params)
+        steps.append(-float(updates))
+    expected = [0.3 * (1 - min(count, 2) / 3) for count in range(6)]  # 0.3, 0.2, 0.1, then the last value 0.1
+    np.testing.assert_allclose(steps, expected, rtol=1e-4)
+
+
 def test_normalised_meta_gradient_std():
     rng = np.random.default_rng(0)
     per_step = rng.normal(size=(4000, 3, 4)) * np.array([1.0, 2.0, 4.0])[None, :, None]  # independent steps
@@ -240,6 +255,10 @@ def test_snake_smoke_run_with_mixing_and_variance_mode(tmp_path):
     with open(os.path.join(run_dir, "variance.json")) as f:
         variance = json.load(f)
     assert set(variance["mean"]) == {"1-step", "2-step", "2-mix"} and variance["mean"]["1-step"] == 1.0
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    # measured after the first 3 updates (3 x 4 envs x 4 steps), never at update 0 before any real step
+    assert [event.step for event in accumulator.Scalars("variance/2-mix")] == [48]
     saved_args, params, meta_params = mm.load_model(os.path.join(run_dir, "mix_metagrad.flax_model"))
     assert (
         saved_args.inner_steps == 2

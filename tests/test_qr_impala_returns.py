@@ -182,8 +182,9 @@ def test_gradients_flow_to_gamma_lambda_alpha_and_not_to_values_or_ratios():
     assert np.all(grads[3] == 0) and np.all(grads[4] == 0)
 
 
-@pytest.mark.parametrize("kappa", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("kappa", [0.0, 0.5, 1.0, 2.0])
 def test_quantile_huber_loss_equals_rlax_and_a_double_loop(kappa):
+    """kappa = 0 is eq. 1's plain quantile regression loss |tau - 1{u < 0}| |u| (rlax's huber_param=0 too)."""
     rng = np.random.default_rng(5)
     quantiles = rng.normal(size=(6, 5)).astype(np.float32)
     targets = rng.normal(scale=2.0, size=(6, 7)).astype(np.float32)  # M = 7 target atoms, |u| on both sides of kappa
@@ -197,6 +198,9 @@ def test_quantile_huber_loss_equals_rlax_and_a_double_loop(kappa):
             brute = 0.0
             for j in range(7):
                 u = float(targets[b, j]) - float(quantiles[b, i])
-                huber = 0.5 * u * u if abs(u) <= kappa else kappa * (abs(u) - 0.5 * kappa)
+                if kappa == 0:
+                    huber = abs(u)
+                else:
+                    huber = 0.5 * u * u if abs(u) <= kappa else kappa * (abs(u) - 0.5 * kappa)
                 brute += abs(taus[i] - (1.0 if u < 0 else 0.0)) * huber / 7
             np.testing.assert_allclose(ours[b, i], brute, rtol=1e-5)

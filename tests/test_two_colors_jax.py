@@ -413,3 +413,20 @@ def test_qr_impala_smoke_run(tmp_path, monkeypatch):
     # an episode returns at most 1.7 and at least -T * r_pen
     assert max(logged["charts/episodic_return"]) <= 1.7 and min(logged["charts/episodic_return"]) >= -0.5 - 1e-5
     assert len(logged["eval/episodic_return"]) == 2
+
+
+def test_figure_1_baselines_start_from_drmgs_eta():
+    """benchmark/two_colors.py launches QR as DrMG({}) and MG with DrMG's initial gamma, lambda and loss weights; its
+    check stops a comparison whose baselines start elsewhere."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
+    import two_colors
+
+    etas = two_colors.check_initial_eta(two_colors.Args())
+    assert etas["qr"] == etas["drmg"]
+    assert two_colors.command(two_colors.Args(), "qr", 1)[4].endswith("drmg.py")
+    assert {k: v for k, v in etas["mg"].items() if k != "alpha"} == pytest.approx(
+        {k: v for k, v in etas["drmg"].items() if k != "alpha"}, rel=1e-6
+    )
+    assert etas["drmg"]["lambda_"] == pytest.approx(0.99) and etas["drmg"]["w_pi"] == pytest.approx(0.99)
+    with pytest.raises(SystemExit, match="qr does not start from DrMG's eta: \\['lambda_'\\]"):
+        two_colors.check_initial_eta(two_colors.Args(flags="--lambda_ 1.0", meta_flags="--lambda_ 0.99"))

@@ -1,0 +1,259 @@
+"""Episode boundaries, pinned with oracles that do not reuse the scripts' masking.
+
+- The loss of each IMPALA-family script on a batch with terminations, a truncation and EnvPool reset steps inside the
+  unroll equals the loss of the episodes cut apart by hand: each piece is evaluated as its own boundary-free rollout (a
+  reset step is dropped; a truncated piece ends with its final observation, from which the unroll bootstraps; a
+  terminated piece keeps its termination flag, the one flag the oracle shares with the scripts). Deliberately broken
+  copies of the scripts (reset steps counted as transitions, truncations ignored) must fail it.
+- The actors' bookkeeping with a scripted environment: resets, terminations, truncations, rewards, observations and
+  the logged episodic returns and lengths, written out by hand.
+- mix_metagrad.py's Snake stepping against snake_jax's own EnvPool-style step.
+"""
+
+import os
+import queue
+import sys
+import threading
+import types
+from collections import deque
+from functools import partial
+from types import SimpleNamespace
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import drmg
+import mg
+import mix_metagrad
+import qr_impala
+import snake_jax
+import stacx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+from learner_setup import learner, script_args  # noqa: E402
+
+MODULES = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
+T, B, OBS_DIM, NUM_ACTIONS = 12, 2, 6, 3
+# (env, first step, last step, how the piece ends); steps not in a piece are EnvPool reset steps (env 0: 4 and 9, env 1: 0)
+PIECES = [(0, 0, 3, "terminated"), (0, 5, 8, "truncated"), (0, 10, 11, "open"), (1, 1, 11, "terminated")]
+
+
+def batch(module, seed=0):
+    rng = np.random.default_rng(seed)
+    flags = np.zeros((3, T, B), np.float32)  # terminations, truncations, resets
+    flags[0, 3, 0] = flags[0, 11, 1] = 1.0
+    flags[1, 8, 0] = 1.0
+    flags[2, [4, 9], 0] = flags[2, 0, 1] = 1.0
+    rewards = rng.uniform(-1, 1, (T, B)).astype(np.float32) * (1 - flags[2])  # a reset step has no reward
+    return module.Rollout(
+        obs=jnp.asarray(rng.normal(size=(T + 1, B, OBS_DIM)).astype(np.float32)),
+        actions=jnp.asarray(rng.integers(0, NUM_ACTIONS, (T, B))),
+        behaviour_logits=jnp.asarray(rng.normal(size=(T, B, NUM_ACTIONS)).astype(np.float32)),
+        rewards=jnp.asarray(rewards),
+        terminations=jnp.asarray(flags[0]),
+        truncations=jnp.asarray(flags[1]),
+        resets=jnp.asarray(flags[2]),
+    )
+
+
+def piece(rollout, env, first, last, end):
+    """Steps first..last of one env as a rollout of its own, bootstrapping from observation last + 1."""
+    steps = slice(first, last + 1)
+    zeros = jnp.zeros((last + 1 - first, 1))
+    return type(rollout)(
+        obs=rollout.obs[first : last + 2, env : env + 1],
+        actions=rollout.actions[steps, env : env + 1],
+        behaviour_logits=rollout.behaviour_logits[steps, env : env + 1],
+        rewards=rollout.rewards[steps, env : env + 1],
+        terminations=zeros.at[-1].set(1.0) if end == "terminated" else zeros,
+        truncations=zeros,
+        resets=zeros,
+    )
+
+
+def loss_functions(name, module):
+    """{what: loss(rollout)} of a script's impala_loss (`module` may be a broken copy), with parameters and eta of
+    the real script; eta's logits are perturbed so that the entries of per-quantile and per-head eta differ."""
+    real = MODULES[name]
+    overrides = dict(num_quantiles=4) if name in ("qr_impala", "drmg") else {}
+    args = script_args(name, "CartPole-v1", local_num_envs=B, num_actor_threads=1, num_steps=T, **overrides)
+    space = SimpleNamespace(shape=(OBS_DIM,), dtype=np.dtype(np.float32))
+    _, states, _ = learner(name, args, space, NUM_ACTIONS)
+    state = states[0]
+    if name == "qr_impala":
+        return {"loss": lambda r: module.impala_loss(state.params, state.apply_fn, r, module.hyperparameters(args), args)[0]}
+    rng = np.random.default_rng(1)
+    logits = jax.tree.map(lambda x: x + rng.normal(scale=0.5, size=np.shape(x)).astype(np.float32), states[1].params)
+    etas = {"inner": module.hyperparameters(logits, args), "outer": module.reference_hyperparameters(args)}
+    heads = {"inner": args.num_heads, "outer": 1} if name == "stacx" else {}  # stacx's outer loss: the main head
+    extra = {what: [0] if name == "drmg" else [heads[what]] if name == "stacx" else [] for what in etas}
+    functions = {
+        f"{what} loss": partial(
+            lambda eta, more, r: module.impala_loss(state.params, state.apply_fn, r, eta, args, *more)[0], eta, extra[what]
+        )
+        for what, eta in etas.items()
+    }
+    if name == "drmg":  # the n-step return ablation cuts its returns at the boundaries too
+        functions["3-step inner loss"] = lambda r: module.impala_loss(state.params, state.apply_fn, r, etas["inner"], args, 3)[
+            0
+        ]
+    return functions
+
+
+def boundary_gaps(name, module):
+    """{what: |loss of the batch - loss of its pieces|}; the losses are means over all T x B entries."""
+    rollout = batch(MODULES[name])
+    gaps = {}
+    for what, loss in loss_functions(name, module).items():
+        loss = jax.jit(loss)
+        pieces = sum(loss(piece(rollout, *p)) * (p[2] + 1 - p[1]) for p in PIECES) / (T * B)
+        gaps[what] = abs(float(loss(rollout)) - float(pieces)) / max(abs(float(pieces)), 1e-3)
+    return gaps
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_the_loss_of_a_batch_is_the_loss_of_its_episodes_cut_apart(name):
+    gaps = boundary_gaps(name, MODULES[name])
+    assert max(gaps.values()) < 1e-5, gaps
+
+
+BROKEN = {
+    "reset steps counted": [("valid = 1.0 - rollout.resets", "valid = jnp.ones_like(rollout.resets)")],
+    "truncations ignored": [("trace_masks = 1.0 - rollout.truncations", "trace_masks = jnp.ones_like(rollout.truncations)")],
+}
+BROKEN["both"] = BROKEN["reset steps counted"] + BROKEN["truncations ignored"]  # the mutant of issue 14
+
+
+def broken_copy(name, replacements, monkeypatch):
+    """The script's module, executed from its source with `replacements` made."""
+    path = os.path.join(ROOT, f"{name}.py")
+    with open(path) as f:
+        source = f.read()
+    for old, new in replacements:
+        assert old in source, old
+        source = source.replace(old, new)
+    module = types.ModuleType(f"{name}_broken")
+    module.__file__ = path
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("breakage", BROKEN)
+def test_the_boundary_test_catches_a_script_that_ignores_the_boundaries(name, breakage, monkeypatch):
+    gaps = boundary_gaps(name, broken_copy(name, BROKEN[breakage], monkeypatch))
+    assert min(gaps.values()) > 1e-3, gaps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The actors' bookkeeping
+
+
+class ScriptedVecEnv:
+    """Two envs with EnvPool's auto-reset rule: env 0 terminates after 3 moves, env 1 is truncated after 4. The k-th
+    move of an episode gives reward k; the observation is (env, moves so far in the episode, episode number, 0)."""
+
+    def __init__(self, num_envs, seed):
+        assert num_envs == 2
+        self.num_envs = num_envs
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
+        self.action_space = gym.spaces.Discrete(NUM_ACTIONS)
+        self.lengths, self.moves, self.episodes = np.array([3, 4]), np.zeros(2, int), np.zeros(2, int)
+        self.reset_now = np.zeros(2, bool)
+
+    def observe(self):
+        return np.stack([np.arange(2), self.moves, self.episodes, np.zeros(2)], axis=1).astype(np.float32)
+
+    def reset(self):
+        return self.observe(), {}
+
+    def step(self, actions):
+        reward, terminated, truncated = np.zeros(2, np.float32), np.zeros(2, bool), np.zeros(2, bool)
+        for i in range(2):
+            if self.reset_now[i]:  # the action is ignored; the new episode's first observation
+                self.moves[i], self.episodes[i] = 0, self.episodes[i] + 1
+                continue
+            self.moves[i] += 1
+            reward[i] = self.moves[i]
+            if self.moves[i] == self.lengths[i]:
+                (terminated if i == 0 else truncated)[i] = True
+        self.reset_now = terminated | truncated
+        return self.observe(), reward, terminated, truncated, {"elapsed_step": self.moves.copy()}
+
+
+class Recorder:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, float(value)))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_the_actor_records_episode_ends_and_logs_episodes_exactly(name, monkeypatch):
+    module = MODULES[name]
+    monkeypatch.setitem(sys.modules, "scripted_jax", SimpleNamespace(make_vec_env=ScriptedVecEnv))
+    args = module.Args(env_id="scripted_jax", local_num_envs=2, num_actor_threads=1, num_steps=6)
+    args.num_updates, args.world_size = 2, 1
+    _, states, _ = learner(name, args, SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32)), NUM_ACTIONS)
+    params = states[0].params
+    if name == "mg":
+        params = (params, mg.conditioning(mg.hyperparameters(states[1].params, args)))
+    rollout_queue, params_queue, writer = queue.Queue(), queue.Queue(), Recorder()
+    params_queue.put(params)
+    device = jax.devices()[0]
+    stop, status = threading.Event(), ["starting"]
+    module.rollout(
+        jax.random.PRNGKey(0), args, rollout_queue, params_queue, writer, [device], 0, device, (0, 0), deque(), stop, status
+    )
+    (step_1, first), (step_2, second) = rollout_queue.get(), rollout_queue.get()
+    assert (step_1, step_2) == (12, 24)
+    got = {k: np.concatenate([np.asarray(first[k][0]), np.asarray(second[k][0])]) for k in first if k != "obs"}
+    # [env 0 over steps 0..11, env 1 over steps 0..11], by hand from the script of the environments above
+    expected = dict(
+        resets=[[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1], [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0]],
+        terminations=[[0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0], [0] * 12],
+        truncations=[[0] * 12, [0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]],
+        rewards=[[1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0], [1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2]],
+    )
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key].T, value, err_msg=key)
+    # moves so far at each stored observation: a reset step stores the final observation of the episode it ends
+    moves = [[0, 1, 2, 3, 0, 1, 2], [2, 3, 0, 1, 2, 3, 0]], [[0, 1, 2, 3, 4, 0, 1], [1, 2, 3, 4, 0, 1, 2]]
+    for env in range(2):
+        for k, shards in enumerate([first, second]):
+            np.testing.assert_array_equal(np.asarray(shards["obs"][0])[:, env, 1], moves[env][k], err_msg=f"env {env}")
+    # rollout 1 ends episodes of return 6 (3 moves) and 10 (4 moves); rollout 2 two of 6 and one of 10
+    assert writer.scalars["charts/episodic_return"] == [(12, 8.0), (24, pytest.approx(22 / 3))]
+    assert writer.scalars["charts/episodic_length"] == [(12, 3.5), (24, pytest.approx(10 / 3))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mix_metagrad.py's Snake stepping
+
+
+def test_mix_metagrad_snake_step_is_snake_jax_envpool_step():
+    """200 random moves of 16 games on a 5 x 5 board with a 12-move time limit, from the same states: observations,
+    rewards, ends and states agree at every move, across terminations, truncations and reset steps."""
+    num_envs, board, limit = 16, 5, 12
+    state, obs = jax.vmap(partial(snake_jax.reset, board_size=board))(jax.random.split(jax.random.PRNGKey(0), num_envs))
+    ours, theirs, reset_now = state, state, jnp.zeros(num_envs, bool)
+    step_ours = jax.jit(jax.vmap(partial(mix_metagrad.snake_step, max_episode_steps=limit)))
+    step_theirs = jax.jit(partial(snake_jax._envpool_step, max_episode_steps=limit))
+    counts = np.zeros(3, int)
+    for key in jax.random.split(jax.random.PRNGKey(1), 200):
+        actions = jax.random.randint(key, (num_envs,), 0, snake_jax.NUM_ACTIONS)
+        ours, *out_ours = step_ours(ours, reset_now, actions)
+        theirs, *out_theirs = step_theirs(theirs, reset_now, actions)
+        for a, b in zip(out_ours, out_theirs):
+            np.testing.assert_array_equal(a, b)
+        jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+        _, _, terminated, truncated = out_ours
+        counts += [int(np.sum(terminated)), int(np.sum(truncated)), int(np.sum(reset_now))]
+        reset_now = terminated | truncated
+    assert np.all(counts > 10), counts  # terminations, truncations and reset steps all happened
