@@ -24,7 +24,7 @@ stored rollouts, with the same function as on Snake.
 import atexit
 import difflib
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -43,8 +43,7 @@ import numpy as np
 import optax
 import tyro
 from flax.training.train_state import TrainState
-from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboardX import SummaryWriter
 
 import snake_jax
 
@@ -55,6 +54,12 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
+    track: bool = False
+    """track the run with Weights & Biases (pip install wandb): the TensorBoard scalars, the flags and this file"""
+    wandb_project_name: str = "metagrad-jax"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user)"""
     save_model: bool = False
     """kept for CleanRL's users: the checkpoint `runs/{run_name}/{exp_name}.flax_model` is always saved"""
     save_every: int = 1000
@@ -139,25 +144,21 @@ class Args:
 
 def make_env(env_id: str, seed: int, num_envs: int, args: Args):
     """EnvPool (Atari: raw game score, no life loss, 84x84x4 grey frames); `snake_jax` does not come through here."""
-
-    def thunk():
-        kwargs = {}
-        if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
-            kwargs = dict(
-                episodic_life=False,
-                reward_clip=False,  # the learner clips; the game score is logged unclipped
-                repeat_action_probability=0.0,
-                noop_max=args.noop_max,
-                max_episode_steps=args.max_episode_steps,
-                stack_num=4,
-                img_height=84,
-                img_width=84,
-                gray_scale=True,
-                frame_skip=4,
-            )
-        return envpool.make(env_id, env_type="gym", num_envs=num_envs, batch_size=num_envs, seed=seed, **kwargs)
-
-    return thunk
+    kwargs = {}
+    if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
+        kwargs = dict(
+            episodic_life=False,
+            reward_clip=False,  # the learner clips; the game score is logged unclipped
+            repeat_action_probability=0.0,
+            noop_max=args.noop_max,
+            max_episode_steps=args.max_episode_steps,
+            stack_num=4,
+            img_height=84,
+            img_width=84,
+            gray_scale=True,
+            frame_skip=4,
+        )
+    return envpool.make(env_id, env_type="gym", num_envs=num_envs, batch_size=num_envs, seed=seed, **kwargs)
 
 
 def check_args(args: Args):
@@ -196,6 +197,8 @@ def check_args(args: Args):
         raise SystemExit("--save-every must be >= 0 and --total-timesteps >= 1")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
         raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights & Biases: pip install wandb")
     positive = ("learning_rate", "adam_eps", "max_grad_norm", "meta_learning_rate", "meta_grad_clip")
     if not all(0 < getattr(args, name) < np.inf for name in positive):
         raise SystemExit(
@@ -675,30 +678,6 @@ def make_envpool_update(args: Args, weights: Optional[np.ndarray]):
     return inner_step, update
 
 
-class SummaryWriter:
-    """TensorBoard scalars and text through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
-
-    def __init__(self, log_dir: str):
-        self.writer = EventFileWriter(log_dir)
-
-    def add_scalar(self, tag: str, value, step: int):
-        self.write(summary_pb2.Summary.Value(tag=tag, simple_value=float(value)), step)
-
-    def add_text(self, tag: str, text: str, step: int = 0):
-        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
-        tensor = tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
-        )
-        self.write(summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
-
-    def write(self, value: summary_pb2.Summary.Value, step: int):
-        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
-        self.writer.add_event(event)
-
-    def close(self):
-        self.writer.close()
-
-
 def local_copy(tree):
     """This process's copy of (replicated) arrays as numpy, also of arrays that span several processes."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)
@@ -734,7 +713,7 @@ def load_model(path: str):
 
 
 # Flags that may differ from the checkpoint's when a run resumes: its budget and logging, not what it learns.
-RESUME_FLAGS = ("resume", "total_timesteps", "save_model", "save_every")
+RESUME_FLAGS = ("resume", "total_timesteps", "save_model", "save_every", "track", "wandb_project_name", "wandb_entity")
 
 
 def resume_args(args: Args):
@@ -805,6 +784,17 @@ if __name__ == "__main__":
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
     print(f"run {run_dir}: {args.num_updates} updates of {args.batch_size} steps; meta-gradient weights {weights}")
 
+    if args.track:  # before the writer: wandb mirrors what the TensorBoard writer logs
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=os.path.basename(run_dir),
+            save_code=True,
+        )
     writer = SummaryWriter(run_dir)
     atexit.register(writer.close)
     writer.add_text(
@@ -819,7 +809,7 @@ if __name__ == "__main__":
             (1, snake_jax.NUM_CHANNELS, args.board_size, args.board_size)
         )
     else:
-        envs = make_env(args.env_id, args.seed, args.num_envs, args)()
+        envs = make_env(args.env_id, args.seed, args.num_envs, args)
         num_actions, sample_obs = envs.action_space.n, np.array([envs.observation_space.sample()])
     network = AgentNetwork(num_actions)
     agent_state = TrainState.create(
@@ -841,9 +831,7 @@ if __name__ == "__main__":
 
     num_chunks = -(-args.num_updates // args.log_frequency)
     # the variance is measured after chunks 1..num_chunks, evenly spread, never before the first real update
-    probe_chunks = (
-        set(np.linspace(1, num_chunks, args.variance_points).round().astype(int)) if args.variance_points else set()
-    )
+    probe_chunks = set(np.linspace(1, num_chunks, args.variance_points).round().astype(int)) if args.variance_points else set()
     variance_rows = []
     returns_history = []
     global_step, update = 0, 0

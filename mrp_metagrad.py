@@ -15,12 +15,13 @@ with more inner steps (Fig. 4).
 
 import atexit
 import csv
+import importlib.util
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import flax.linen as nn
 import jax
@@ -28,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboardX import SummaryWriter
 
 NUM_STATES = 10
 
@@ -40,6 +40,12 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
+    track: bool = False
+    """track the run with Weights & Biases (pip install wandb): the TensorBoard scalars, the flags and this file"""
+    wandb_project_name: str = "metagrad-jax"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user)"""
 
     # Algorithm (paper 003 Table 2, Markov reward process column)
     num_updates: int = 2000
@@ -163,22 +169,6 @@ def make_train(args: Args, n: int):
     return train
 
 
-class SummaryWriter:
-    """TensorBoard scalars through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
-
-    def __init__(self, log_dir: str):
-        self.writer = EventFileWriter(log_dir)
-
-    def add_scalar(self, tag: str, value, step: int):
-        value = summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
-        self.writer.add_event(
-            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
-        )
-
-    def close(self):
-        self.writer.close()
-
-
 def plot_gammas(trajectories: dict, path: str) -> bool:
     """Even and odd gamma_i against updates, one colour per n (Fig. 4 b, c). False when matplotlib is missing."""
     try:
@@ -221,6 +211,8 @@ if __name__ == "__main__":
         raise SystemExit("--learning-rate and --meta-learning-rate must be positive and finite")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
         raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights & Biases: pip install wandb")
     run_root = "runs" if os.path.exists("runs") else "."
     if not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
         raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
@@ -234,6 +226,17 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     run_name = f"mrp__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:  # before the writer: wandb mirrors what the TensorBoard writer logs
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
     writer = SummaryWriter(f"runs/{run_name}")
     atexit.register(writer.close)
     trajectories = {}

@@ -43,8 +43,7 @@ import tyro
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboardX import SummaryWriter
 
 
 @dataclass
@@ -53,6 +52,12 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
+    track: bool = False
+    """track the run with Weights & Biases (pip install wandb): the TensorBoard scalars, the flags and this file"""
+    wandb_project_name: str = "metagrad-jax"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user)"""
     save_model: bool = False
     """evaluate the saved model at the end (the checkpoint `runs/{run_name}/{exp_name}.flax_model` is always saved)"""
     save_every: int = 1000
@@ -167,35 +172,31 @@ class Args:
 
 def make_env(env_id: str, seed: int, num_envs: int, args: Args):
     """EnvPool with the DrMG Atari setting (paper 000 §5.2); JAX environments (`snake_jax`, ...) by module name."""
-
-    def thunk():
-        if env_id.endswith("_jax"):
-            return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
-        kwargs = {}
-        if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
-            kwargs = dict(
-                episodic_life=False,
-                reward_clip=False,  # the learner clips; the game score is logged unclipped
-                repeat_action_probability=0.0,
-                noop_max=args.noop_max,
-                max_episode_steps=args.max_episode_steps,
-                stack_num=4,
-                img_height=84,
-                img_width=84,
-                gray_scale=True,
-                frame_skip=4,
-            )
-        return envpool.make(
-            env_id,
-            env_type="gym",
-            num_envs=num_envs,
-            batch_size=num_envs,
-            num_threads=args.envpool_threads,
-            seed=seed,
-            **kwargs,
+    if env_id.endswith("_jax"):
+        return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
+    kwargs = {}
+    if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
+        kwargs = dict(
+            episodic_life=False,
+            reward_clip=False,  # the learner clips; the game score is logged unclipped
+            repeat_action_probability=0.0,
+            noop_max=args.noop_max,
+            max_episode_steps=args.max_episode_steps,
+            stack_num=4,
+            img_height=84,
+            img_width=84,
+            gray_scale=True,
+            frame_skip=4,
         )
-
-    return thunk
+    return envpool.make(
+        env_id,
+        env_type="gym",
+        num_envs=num_envs,
+        batch_size=num_envs,
+        num_threads=args.envpool_threads,
+        seed=seed,
+        **kwargs,
+    )
 
 
 def check_args(args: Args):
@@ -222,6 +223,8 @@ def check_args(args: Args):
         raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
         raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights & Biases: pip install wandb")
     if not all(0 < x < np.inf for x in (args.learning_rate, args.rmsprop_eps, args.max_grad_norm, args.queue_timeout)):
         raise SystemExit("--learning-rate, --rmsprop-eps, --max-grad-norm and --queue-timeout must be positive and finite")
     if not 0 <= args.rmsprop_decay < 1:
@@ -712,32 +715,6 @@ def check_learner_memory(compiled, args: Args, learner_devices: Sequence[jax.Dev
     return f"learner step: {gib(needed)} per device of {gib(available) if available is not None else 'unknown'}"
 
 
-class SummaryWriter:
-    """TensorBoard scalars and text through the tensorboard package alone (no TensorFlow or PyTorch needed)."""
-
-    def __init__(self, log_dir: str):
-        self.writer = EventFileWriter(log_dir)
-        self.lock = threading.Lock()
-
-    def add_scalar(self, tag: str, value, step: int):
-        self.write(summary_pb2.Summary.Value(tag=tag, simple_value=float(value)), step)
-
-    def add_text(self, tag: str, text: str, step: int = 0):
-        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
-        tensor = tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING, string_val=[text.encode()], tensor_shape=tensor_shape_pb2.TensorShapeProto()
-        )
-        self.write(summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor), step)
-
-    def write(self, value: summary_pb2.Summary.Value, step: int):
-        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
-        with self.lock:  # actor threads and the learner write to the same file
-            self.writer.add_event(event)
-
-    def close(self):
-        self.writer.close()
-
-
 class NoWriter:
     """The TensorBoard writer of the processes other than process 0: they log nothing."""
 
@@ -785,7 +762,7 @@ def load_model(path: str):
 RESUME_FLAGS = (
     *("resume", "total_timesteps", "save_model", "save_every", "eval_episodes", "log_frequency", "queue_timeout"),
     *("envpool_threads", "actor_device_ids", "learner_device_ids", "chunk_envs", "memory_limit_gib"),
-    *("distributed", "coordinator_address", "num_processes", "process_id"),
+    *("distributed", "coordinator_address", "num_processes", "process_id", "track", "wandb_project_name", "wandb_entity"),
 )
 
 
@@ -825,19 +802,18 @@ def report(kind, error, traceback):
     sys.__excepthook__(kind, error, traceback)
 
 
-def evaluate(model_path: str, eval_episodes: int, seed: int = 0, greedy: bool = False):
+def evaluate(model_path: str, eval_episodes: int, seed: int = 0):
     """Run the saved policy for `eval_episodes` episodes, one env each; return their unclipped returns."""
     args, params = load_model(model_path)
-    envs = make_env(args.env_id, seed, eval_episodes, args)()
+    envs = make_env(args.env_id, seed, eval_episodes, args)
     network = AgentNetwork(envs.action_space.n, args.num_heads)
     act = jax.jit(lambda p, o, k: jax.random.categorical(k, main_head(network.apply(p, o)[0])))
-    act_greedy = jax.jit(lambda p, o: jnp.argmax(main_head(network.apply(p, o)[0]), axis=-1))
     key = jax.random.PRNGKey(seed)
     obs, _ = envs.reset()
     returns, episodic_returns = np.zeros(eval_episodes), np.full(eval_episodes, np.nan)
     while np.isnan(episodic_returns).any():
         key, subkey = jax.random.split(key)
-        actions = act_greedy(params, obs) if greedy else act(params, obs, subkey)
+        actions = act(params, obs, subkey)
         obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions))
         returns += reward
         done = (terminated | truncated) & np.isnan(episodic_returns)
@@ -874,9 +850,11 @@ def rollout(
 ):
     """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`,
     from update and global step `start` until the last update or `stop`; `status[device_thread_id]` says what it does."""
-    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)()
+    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)
     network = AgentNetwork(envs.action_space.n, args.num_heads)
     num_envs = args.local_num_envs
+    # global steps per env step of this thread: every env of every actor thread of every process steps once meanwhile
+    steps_per_tick = num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
 
     @jax.jit
     def get_action(params, obs, key):
@@ -900,9 +878,9 @@ def rollout(
         params_queue_get_time = time.time() - rollout_start
         env_time = inference_time = 0.0
         storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
-        finished_returns, finished_lengths = [], []
+        finished = []  # (global step at its end, return, length) of every episode that ends in this unroll
         status[device_thread_id] = "stepping its environments"
-        for _ in range(args.num_steps):
+        for t in range(args.num_steps):
             if stop.is_set():
                 return
             inference_start = time.time()
@@ -922,12 +900,12 @@ def rollout(
             storage["truncations"].append(truncated)
             episode_returns += reward
             done = terminated | truncated
-            finished_returns += list(episode_returns[done])
-            finished_lengths += list(info["elapsed_step"][done])
+            end_step = global_step + (t + 1) * steps_per_tick
+            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], info["elapsed_step"][done])]
             episode_returns[done] = 0.0
             reset_next = done
         storage["obs"].append(obs)
-        global_step += args.num_steps * num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
+        global_step += args.num_steps * steps_per_tick
         # Stack and send each learner device its share of the envs now, while the learner is busy.
         device_put_start = time.time()
         shards = {}
@@ -948,10 +926,11 @@ def rollout(
             writer.add_scalar("stats/inference_time", inference_time, global_step)
             writer.add_scalar("stats/device_put_time", device_put_time, global_step)
             writer.add_scalar("stats/rollout_queue_put_time", rollout_queue_put_time, global_step)
-        if device_thread_id == 0 and finished_returns:
-            returned_episode_returns.extend(finished_returns)
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+        for end_step, episodic_return, episodic_length in finished:  # every episode of every thread, at its own step
+            returned_episode_returns.append(episodic_return)
+            writer.add_scalar("charts/episodic_return", episodic_return, end_step)
+            writer.add_scalar("charts/episodic_length", episodic_length, end_step)
+        if device_thread_id == 0 and returned_episode_returns:
             writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
     status[device_thread_id] = "done"
 
@@ -1004,7 +983,7 @@ if __name__ == "__main__":
 
     key = jax.random.PRNGKey(args.seed)
     key, network_key, actor_key = jax.random.split(key, 3)
-    envs = make_env(args.env_id, args.seed, 1, args)()
+    envs = make_env(args.env_id, args.seed, 1, args)
     network = AgentNetwork(envs.action_space.n, args.num_heads)
     params = network.init(network_key, np.array([envs.observation_space.sample()]))
     observation_space, num_actions = envs.observation_space, envs.action_space.n
@@ -1052,6 +1031,17 @@ if __name__ == "__main__":
     if saved:
         print(f"resumed from {args.resume} at update {start_update}, global step {global_step}; environments restart")
 
+    if args.track and jax.process_index() == 0:  # before the writer: wandb mirrors what the TensorBoard writer logs
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=os.path.basename(run_dir),
+            save_code=True,
+        )
     writer = SummaryWriter(run_dir) if jax.process_index() == 0 else NoWriter()
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())

@@ -27,7 +27,7 @@ MODULES = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
 
 def environment(env_id: str):
     """(observation space, number of actions) of an environment, from one env of qr_impala.py's make_env."""
-    envs = qr_impala.make_env(env_id, 0, 1, qr_impala.Args(env_id=env_id))()
+    envs = qr_impala.make_env(env_id, 0, 1, qr_impala.Args(env_id=env_id))
     return envs.observation_space, envs.action_space.n
 
 

@@ -68,7 +68,7 @@ def random_action_sps(args: Args) -> float:
     ready = threading.Barrier(args.num_actor_threads + 1)
 
     def actor(thread_id):
-        envs = make_env(args.env_id, thread_id, args.local_num_envs, train_args)()
+        envs = make_env(args.env_id, thread_id, args.local_num_envs, train_args)
         envs.reset()
         rng = np.random.default_rng(thread_id)
         ready.wait()

@@ -1,7 +1,6 @@
 """drmg.py: meta-gradient against finite differences, QR equivalence, n-step return, scalar eta, learning, smoke runs."""
 
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp

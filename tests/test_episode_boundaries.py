@@ -6,7 +6,7 @@
   terminated piece keeps its termination flag, the one flag the oracle shares with the scripts). Deliberately broken
   copies of the scripts (reset steps counted as transitions, truncations ignored) must fail it.
 - The actors' bookkeeping with a scripted environment: resets, terminations, truncations, rewards, observations and
-  the logged episodic returns and lengths, written out by hand.
+  every episode's return and length, logged by every actor thread at the episode's own global step, by hand.
 - mix_metagrad.py's Snake stepping against snake_jax's own EnvPool-style step.
 """
 
@@ -78,7 +78,6 @@ def piece(rollout, env, first, last, end):
 def loss_functions(name, module):
     """{what: loss(rollout)} of a script's impala_loss (`module` may be a broken copy), with parameters and eta of
     the real script; eta's logits are perturbed so that the entries of per-quantile and per-head eta differ."""
-    real = MODULES[name]
     overrides = dict(num_quantiles=4) if name in ("qr_impala", "drmg") else {}
     args = script_args(name, "CartPole-v1", local_num_envs=B, num_actor_threads=1, num_steps=T, **overrides)
     space = SimpleNamespace(shape=(OBS_DIM,), dtype=np.dtype(np.float32))
@@ -195,24 +194,38 @@ class Recorder:
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_the_actor_records_episode_ends_and_logs_episodes_exactly(name, monkeypatch):
+@pytest.mark.parametrize("thread", [0, 1])
+def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thread, monkeypatch):
+    """Actor thread `thread` of two: what it records, and every episode it ends logged at that episode's global step."""
     module = MODULES[name]
     monkeypatch.setitem(sys.modules, "scripted_jax", SimpleNamespace(make_vec_env=ScriptedVecEnv))
-    args = module.Args(env_id="scripted_jax", local_num_envs=2, num_actor_threads=1, num_steps=6)
+    args = module.Args(env_id="scripted_jax", local_num_envs=2, num_actor_threads=2, num_steps=6)
     args.num_updates, args.world_size = 2, 1
     _, states, _ = learner(name, args, SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32)), NUM_ACTIONS)
     params = states[0].params
     if name == "mg":
         params = (params, mg.conditioning(mg.hyperparameters(states[1].params, args)))
-    rollout_queue, params_queue, writer = queue.Queue(), queue.Queue(), Recorder()
+    rollout_queue, params_queue, writer, returns = queue.Queue(), queue.Queue(), Recorder(), deque(maxlen=100)
     params_queue.put(params)
     device = jax.devices()[0]
-    stop, status = threading.Event(), ["starting"]
+    stop, status = threading.Event(), ["starting"] * 2
     module.rollout(
-        jax.random.PRNGKey(0), args, rollout_queue, params_queue, writer, [device], 0, device, (0, 0), deque(), stop, status
+        jax.random.PRNGKey(0),
+        args,
+        rollout_queue,
+        params_queue,
+        writer,
+        [device],
+        thread,
+        device,
+        (0, 0),
+        returns,
+        stop,
+        status,
     )
+    # each env step of this thread is one step of the 2 envs of each of the 2 threads: 4 global steps
     (step_1, first), (step_2, second) = rollout_queue.get(), rollout_queue.get()
-    assert (step_1, step_2) == (12, 24)
+    assert (step_1, step_2) == (24, 48)
     got = {k: np.concatenate([np.asarray(first[k][0]), np.asarray(second[k][0])]) for k in first if k != "obs"}
     # [env 0 over steps 0..11, env 1 over steps 0..11], by hand from the script of the environments above
     expected = dict(
@@ -228,9 +241,13 @@ def test_the_actor_records_episode_ends_and_logs_episodes_exactly(name, monkeypa
     for env in range(2):
         for k, shards in enumerate([first, second]):
             np.testing.assert_array_equal(np.asarray(shards["obs"][0])[:, env, 1], moves[env][k], err_msg=f"env {env}")
-    # rollout 1 ends episodes of return 6 (3 moves) and 10 (4 moves); rollout 2 two of 6 and one of 10
-    assert writer.scalars["charts/episodic_return"] == [(12, 8.0), (24, pytest.approx(22 / 3))]
-    assert writer.scalars["charts/episodic_length"] == [(12, 3.5), (24, pytest.approx(10 / 3))]
+    # episodes end at env steps 2 (env 0: return 1 + 2 + 3, 3 moves), 3 (env 1: 1 + 2 + 3 + 4, 4 moves), 6, 8 and 10;
+    # the episode that ends at env step t is logged at global step 4 (t + 1)
+    assert writer.scalars["charts/episodic_return"] == [(12, 6.0), (16, 10.0), (28, 6.0), (36, 10.0), (44, 6.0)]
+    assert writer.scalars["charts/episodic_length"] == [(12, 3.0), (16, 4.0), (28, 3.0), (36, 4.0), (44, 3.0)]
+    assert list(returns) == [6.0, 10.0, 6.0, 10.0, 6.0]
+    last100 = writer.scalars.get("charts/avg_episodic_return_last100", [])
+    assert last100 == ([(24, 8.0), (48, pytest.approx(7.6))] if thread == 0 else [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ before anything is written, and --distributed with two processes."""
 
 import errno
 import glob
+import importlib.util
 import os
 import runpy
 import signal
@@ -270,6 +271,35 @@ def test_the_siblings_check_their_flags_too(tmp_path, monkeypatch, script):
     for flags, message in cases:
         assert message in refusal(tmp_path, monkeypatch, script, *flags, "--env-id", "CartPole-v1")
     assert os.listdir(tmp_path) == ["runs"]
+
+
+WANDB = importlib.util.find_spec("wandb") is not None
+TRACKED = ["qr_impala", "drmg", "mg", "stacx", "mix_metagrad", "mrp_metagrad"]
+
+
+@pytest.mark.skipif(WANDB, reason="wandb is installed: test_track_logs_to_wandb_offline checks --track")
+@pytest.mark.parametrize("script", TRACKED)
+def test_track_without_wandb_says_how_to_install_it(tmp_path, monkeypatch, script):
+    flags = ["--track"] + (["--env-id", "CartPole-v1"] if script != "mrp_metagrad" else [])
+    assert refusal(tmp_path, monkeypatch, script, *flags) == "--track needs Weights & Biases: pip install wandb"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not WANDB, reason="wandb is not installed: test_track_without_wandb_says_how_to_install_it")
+def test_track_logs_to_wandb_offline(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "drmg.py"), *CARTPOLE, "--total-timesteps", "128", "--track"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*"))
+    assert glob.glob(os.path.join(run, "*.wandb"))
+    assert glob.glob(os.path.join(run, "files", "runs", "CartPole-v1__drmg__*", "events.out.tfevents.*"))  # synced
 
 
 def test_a_bad_flag_exits_with_code_1_and_one_line_on_stderr(tmp_path):

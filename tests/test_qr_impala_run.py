@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import qr_impala
-from qr_impala import AgentNetwork, Args, Rollout, evaluate, hyperparameters, impala_loss, load_model, make_learner_step
+from qr_impala import AgentNetwork, Args, evaluate, hyperparameters, impala_loss, load_model, make_learner_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

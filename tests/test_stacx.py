@@ -14,7 +14,7 @@ import pytest
 import rlax
 from flax.training.train_state import TrainState
 from test_drmg import assert_same_step, meta_step_on
-from test_mg import B, T, loop_reference, make_unroll
+from test_mg import B, loop_reference, make_unroll
 from test_qr_impala_run import make_rollout as make_random_rollout
 from test_qr_impala_run import only_run_dir, run_script, scalars
 
@@ -157,7 +157,7 @@ def test_auxiliary_heads_never_choose_actions(tmp_path):
     logits it records, and so the actions, are the main head's."""
     args = stacx.Args(env_id="CartPole-v1", local_num_envs=2, num_actor_threads=1, num_steps=6, num_heads=3)
     args.num_updates, args.world_size = 1, 1
-    envs = stacx.make_env(args.env_id, 0, 1, args)()
+    envs = stacx.make_env(args.env_id, 0, 1, args)
     network = stacx.AgentNetwork(envs.action_space.n, args.num_heads)
     params = network.init(jax.random.PRNGKey(0), np.array([envs.observation_space.sample()]))
     kernel = params["params"]["Dense_0"]["kernel"]  # the policy layer, [256, H * A]
