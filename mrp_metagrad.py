@@ -134,11 +134,15 @@ def monte_carlo_meta_gradient(gamma_logits, params, opt_state, tx, apply_fn, key
     return jnp.mean(grads, axis=0)
 
 
+def make_optimizer(args: Args):
+    """The inner optimiser: Adam with eps_root > 0, so that the meta-gradient through its steps stays finite."""
+    return optax.adam(args.learning_rate, eps_root=args.adam_eps_root)
+
+
 def make_train(args: Args, n: int):
     """Jit the whole run for one n: (key) -> per-update gammas [U, 10] and inner/outer losses [U]."""
     network = ValueNetwork()
-    tx = optax.adam(args.learning_rate, eps_root=args.adam_eps_root)
-    meta_tx = optax.adam(args.meta_learning_rate)
+    tx, meta_tx = make_optimizer(args), optax.adam(args.meta_learning_rate)
 
     @jax.jit
     def train(key):

@@ -670,6 +670,25 @@ def make_learner_step(args: Args, mesh: Mesh):
     return jax.jit(sharded)
 
 
+def learning_rate(args: Args, count):
+    """The agent's learning rate after `count` updates: annealed linearly to 0 with --anneal-lr, constant otherwise."""
+    return args.learning_rate * (1.0 - count / args.num_updates) if args.anneal_lr else args.learning_rate
+
+
+def make_optimizer(args: Args):
+    """The agent's optimiser: RMSProp on the globally clipped gradient."""
+    schedule = partial(learning_rate, args) if args.anneal_lr else args.learning_rate
+    return optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.rmsprop(schedule, decay=args.rmsprop_decay, eps=args.rmsprop_eps),
+    )
+
+
+def make_meta_optimizer(args: Args):
+    """The meta-optimiser: Adam on the globally clipped meta-gradient."""
+    return optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate))
+
+
 def learner_dtype(dtype):
     """The actors send booleans and floats to the learner as float32."""
     return np.dtype(np.float32) if dtype == bool or np.dtype(dtype).kind == "f" else np.dtype(dtype)
@@ -989,24 +1008,8 @@ if __name__ == "__main__":
     observation_space, num_actions = envs.observation_space, envs.action_space.n
     del envs
 
-    def linear_schedule(count):
-        return args.learning_rate * (1.0 - count / args.num_updates)
-
-    agent_state = TrainState.create(
-        apply_fn=network.apply,
-        params=params,
-        tx=optax.chain(
-            optax.clip_by_global_norm(args.max_grad_norm),
-            optax.rmsprop(
-                linear_schedule if args.anneal_lr else args.learning_rate, decay=args.rmsprop_decay, eps=args.rmsprop_eps
-            ),
-        ),
-    )
-    meta_state = TrainState.create(
-        apply_fn=None,
-        params=init_meta_params(args),
-        tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
-    )
+    agent_state = TrainState.create(apply_fn=network.apply, params=params, tx=make_optimizer(args))
+    meta_state = TrainState.create(apply_fn=None, params=init_meta_params(args), tx=make_meta_optimizer(args))
     start_update, global_step, returned_episode_returns = 0, 0, deque(maxlen=100)
     if saved:  # environments restart: EnvPool's state cannot be saved
         agent_state = flax.serialization.from_state_dict(agent_state, saved["agent_state"])
@@ -1179,9 +1182,7 @@ if __name__ == "__main__":
             writer.add_scalar("stats/learner_update_time", learner_time / (update - last_log), global_step)
             writer.add_scalar("stats/rollout_queue_get_time", learner_wait_time / (update - last_log), global_step)
             learner_time, learner_wait_time, last_log = 0.0, 0.0, update
-            writer.add_scalar(
-                "charts/learning_rate", linear_schedule(update) if args.anneal_lr else args.learning_rate, global_step
-            )
+            writer.add_scalar("charts/learning_rate", learning_rate(args, update), global_step)
             for name, value in metrics.pop("meta").items():
                 for k, entry in enumerate(value):
                     writer.add_scalar(f"meta/head{k}/{name.rstrip('_')}", entry, global_step)

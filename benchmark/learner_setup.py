@@ -10,7 +10,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -51,17 +50,15 @@ def learner(name: str, args, observation_space, num_actions: int, abstract: bool
     else:
         network = module.AgentNetwork(num_actions, args.num_heads if module is stacx else args.num_quantiles)
         init = lambda: network.init(jax.random.PRNGKey(0), obs)  # noqa: E731
-    tx = optax.chain(
-        optax.clip_by_global_norm(args.max_grad_norm),
-        optax.rmsprop(args.learning_rate, decay=args.rmsprop_decay, eps=args.rmsprop_eps),
-    )
 
     def states():
-        agent_state = TrainState.create(apply_fn=network.apply, params=init(), tx=tx)
+        agent_state = TrainState.create(apply_fn=network.apply, params=init(), tx=module.make_optimizer(args))
         if module is qr_impala:
             return (agent_state,)
-        meta_tx = optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate))
-        return agent_state, TrainState.create(apply_fn=None, params=module.init_meta_params(args), tx=meta_tx)
+        meta_state = TrainState.create(
+            apply_fn=None, params=module.init_meta_params(args), tx=module.make_meta_optimizer(args)
+        )
+        return agent_state, meta_state
 
     spec = module.rollout_spec(args, observation_space, num_actions, NamedSharding(mesh, P(None, "learner")))
     return module.make_learner_step(args, mesh), jax.eval_shape(states) if abstract else states(), spec

@@ -4,7 +4,6 @@ finite differences, and a short run that moves the odd discounts down and the ev
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import mrp_metagrad as mrp
 
@@ -28,7 +27,7 @@ def test_n_step_meta_gradient_equals_central_finite_differences_in_float64():
         network = mrp.ValueNetwork()
         params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))
         params = jax.tree.map(lambda x: x.astype(jnp.float64), params)  # flax initialises float32 even under x64
-        tx = optax.adam(args.learning_rate, eps_root=args.adam_eps_root)
+        tx = mrp.make_optimizer(args)
         logits = jnp.asarray(np.random.default_rng(1).normal(size=10))
         f = jax.jit(
             lambda lg: mrp.n_step_outer_loss(lg, params, tx.init(params), tx, network.apply, jax.random.PRNGKey(3), 3, args)
