@@ -6,23 +6,18 @@ loss (policy gradient with fixed gamma', lambda') at theta_t^(n) gives the n-ste
 kappa-weighted mixture of the outer losses at theta_t^(1), ..., theta_t^(n) gives the mixed one (eq. 10). theta_{t+1} =
 theta_t^(1): the agent's own update never changes, only the meta-gradient does. --inner-steps 0 is A2C with fixed eta.
 
-On `snake_jax` (the default) the whole run is jitted: rollouts, inner updates and meta-updates sit in a `lax.scan`, and
-the look-ahead rollouts step a copy of the environment state (a pure value), chained: tau^(j+1) starts where tau^(j)
-stopped; the real environments then continue from where the real rollout tau^(0) stopped. EnvPool state cannot be
-copied, so for EnvPool ids the look-ahead rollouts step the real environments, which then continue from there (the
-look-ahead steps are real interaction; `global_step` counts only the rollouts theta learns from, and episodes logged
-there may span several look-ahead policies). The meta-gradient is then computed in one jitted call from the n + 1
-stored rollouts, with the same function as on Snake.
+The environment is Snake in pure JAX (`snake_jax`, the paper's 12 x 12 game), so the whole run is jitted: rollouts,
+inner updates and meta-updates sit in a `lax.scan`, and the look-ahead rollouts step a copy of the environment state (a
+pure value), chained: tau^(j+1) starts where tau^(j) stopped; the real environments then continue from where the real
+rollout tau^(0) stopped.
 
     python mix_metagrad.py --inner-steps 3                          # 3-step meta-gradient on Snake
     python mix_metagrad.py --inner-steps 5 --mix                    # 5-mix, kappa = 1 - 1/5 (eq. 10)
     python mix_metagrad.py --inner-steps 0                          # baseline: fixed hyperparameters
     python mix_metagrad.py --inner-steps 1 --variance-points 10     # + meta-gradient std of every estimator (Table 1)
-    python mix_metagrad.py --env-id CartPole-v1 --inner-steps 3 --mix
 """
 
 import atexit
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -34,7 +29,6 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Callable, List, NamedTuple, Optional
 
-import envpool
 import flax
 import flax.linen as nn
 import jax
@@ -71,13 +65,11 @@ class Args:
 
     # Environment
     env_id: str = "snake_jax"
-    """`snake_jax` (pure JAX, the whole loop jitted) or an EnvPool id (`CartPole-v1`, `Breakout-v5`, ...)"""
+    """the environment: `snake_jax` only (the look-ahead rollouts step copies of its pure JAX state)"""
     board_size: int = 12
-    """Snake: side of the board (paper 003 App. B.2: 12)"""
+    """side of the board (paper 003 App. B.2: 12)"""
     max_episode_steps: int = 5000
-    """episodes are truncated after this many agent steps (Snake: 5000, App. B.2)"""
-    noop_max: int = 30
-    """Atari: up to this many no-op actions at the start of an episode"""
+    """episodes are truncated after this many moves (App. B.2: 5000)"""
 
     # Algorithm (paper 003 Table 2, Snake column)
     total_timesteps: int = 20_000_000
@@ -121,7 +113,7 @@ class Args:
     meta_grad_clip: float = 0.1
     """clip the meta-gradient to this global norm"""
 
-    # Variance mode (Table 1, second row; snake_jax only)
+    # Variance mode (Table 1, second row)
     variance_points: int = 0
     """K: points, evenly spread after the first log-frequency updates up to the end, at which the meta-gradient std of
     every estimator is measured (0: off)"""
@@ -142,30 +134,10 @@ class Args:
     """the number of updates of theta"""
 
 
-def make_env(env_id: str, seed: int, num_envs: int, args: Args):
-    """EnvPool (Atari: raw game score, no life loss, 84x84x4 grey frames); `snake_jax` does not come through here."""
-    kwargs = {}
-    if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
-        kwargs = dict(
-            episodic_life=False,
-            reward_clip=False,  # the learner clips; the game score is logged unclipped
-            repeat_action_probability=0.0,
-            noop_max=args.noop_max,
-            max_episode_steps=args.max_episode_steps,
-            stack_num=4,
-            img_height=84,
-            img_width=84,
-            gray_scale=True,
-            frame_skip=4,
-        )
-    return envpool.make(env_id, env_type="gym", num_envs=num_envs, batch_size=num_envs, seed=seed, **kwargs)
-
-
 def check_args(args: Args):
     """Fail before anything is written, with a message that says what to change."""
-    if args.env_id != "snake_jax" and args.env_id not in envpool.list_all_envs():
-        close = difflib.get_close_matches(args.env_id, envpool.list_all_envs() + ["snake_jax"], n=5)
-        raise SystemExit(f"unknown --env-id {args.env_id!r}; ids close to it: {close}")
+    if args.env_id != "snake_jax":
+        raise SystemExit(f"--env-id {args.env_id}: only snake_jax, a pure JAX game whose state the look-ahead rollouts copy")
     if args.inner_steps < 0:
         raise SystemExit("--inner-steps must be >= 0 (0: fixed hyperparameters)")
     if args.mix and args.inner_steps < 1:
@@ -178,8 +150,6 @@ def check_args(args: Args):
         raise SystemExit("--num-envs, --num-steps, --log-frequency, --variance-samples and --variance-batch must be positive")
     if args.variance_samples < 2:
         raise SystemExit("--variance-samples must be at least 2 (a standard deviation)")
-    if args.variance_points and args.env_id != "snake_jax":
-        raise SystemExit("--variance-points needs copies of the environment state: only --env-id snake_jax")
     if args.variance_points < 0:
         raise SystemExit("--variance-points must be >= 0")
     if args.variance_points and (1 not in args.variance_nstep or min(args.variance_nstep + args.variance_mix) < 1):
@@ -191,7 +161,7 @@ def check_args(args: Args):
             raise SystemExit(f"--{name.replace('_', '-')} is a sigmoid of a logit here: it must lie in (0, 1)")
     if not (0 <= args.outer_gamma <= 1 and 0 <= args.outer_lambda <= 1):
         raise SystemExit("--outer-gamma and --outer-lambda must lie in [0, 1]")
-    if args.env_id == "snake_jax" and args.board_size < 2:
+    if args.board_size < 2:
         raise SystemExit("--board-size must be at least 2")
     if args.save_every < 0 or args.total_timesteps < 1:
         raise SystemExit("--save-every must be >= 0 and --total-timesteps >= 1")
@@ -222,12 +192,10 @@ def max_pool_2x2(x):
 
 class Torso(nn.Module):
     """Paper 003 App. C.3 for images (C, H, W): 2 x (conv 3x3 stride 1, 32 maps + max-pool 2), Dense 40; a 2-layer MLP
-    of width 40 for vector observations."""
+    of width 40 for vector observations (the tests' small problems)."""
 
     @nn.compact
     def __call__(self, x):
-        if x.dtype == jnp.uint8:
-            x = x.astype(jnp.float32) / 255.0
         if x.ndim == 4:
             x = jnp.transpose(x, (0, 2, 3, 1))
             for _ in range(2):
@@ -253,8 +221,9 @@ class AgentNetwork(nn.Module):
 
 
 class Rollout(NamedTuple):
-    """Time-major unroll of T steps; `obs` has T + 1 entries, the last one for bootstrapping. EnvPool's auto-reset rule:
-    the step at which an episode ends returns its final observation, the next step is a reset step (no transition)."""
+    """Time-major unroll of T steps; `obs` has T + 1 entries, the last one for bootstrapping. EnvPool's auto-reset rule
+    (`snake_jax.envpool_step`): the step at which an episode ends returns its final observation, the next step is a
+    reset step (no transition)."""
 
     obs: jnp.ndarray  # [T + 1, B, ...]
     actions: jnp.ndarray  # [T, B]
@@ -486,16 +455,6 @@ def snake_reset(key, num_envs: int, board_size: int) -> EnvCarry:
     return EnvCarry(state, obs, jnp.zeros(num_envs, bool), zeros, zeros, key)
 
 
-def snake_step(state, reset_now, action, max_episode_steps: int):
-    """One move of one game with EnvPool's auto-reset rule, from snake_jax's pure `step` and `reset`: the move that ends
-    an episode returns its final observation (for bootstrapping after a truncation); the next one restarts the game."""
-    stepped, obs, reward, terminated, truncated = snake_jax.step(state, action, max_episode_steps)
-    fresh, fresh_obs = snake_jax.reset(state.key, state.body.shape[-1])
-    state = jax.tree.map(partial(jnp.where, reset_now), fresh, stepped)
-    obs = jnp.where(reset_now, fresh_obs, obs)
-    return state, obs, jnp.where(reset_now, 0.0, reward), terminated & ~reset_now, truncated & ~reset_now
-
-
 def collect_snake(params, apply_fn, carry: EnvCarry, num_steps: int, max_episode_steps: int):
     """A rollout of `num_steps` moves of every game with pi_theta: (Rollout, carry, episode stats)."""
 
@@ -503,8 +462,8 @@ def collect_snake(params, apply_fn, carry: EnvCarry, num_steps: int, max_episode
         key, action_key = jax.random.split(carry.key)
         logits, _ = apply_fn(params, carry.obs)
         action = jax.random.categorical(action_key, logits)
-        state, obs, reward, terminated, truncated = jax.vmap(partial(snake_step, max_episode_steps=max_episode_steps))(
-            carry.state, carry.reset_now, action
+        state, obs, reward, terminated, truncated = snake_jax.envpool_step(
+            carry.state, carry.reset_now, action, max_episode_steps
         )
         done = terminated | truncated
         episode_return = carry.episode_return + reward
@@ -602,82 +561,6 @@ def estimator_name(n: int, mix: bool) -> str:
     return f"{n}-mix" if mix else f"{n}-step"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# EnvPool: the environments step in Python; look-ahead rollouts step the real environments.
-
-
-class EnvPoolCollector:
-    """Roll out EnvPool environments with given params; keeps the environments, the last observation and episode stats."""
-
-    def __init__(self, envs, network: AgentNetwork, num_steps: int, key):
-        self.envs, self.num_steps, self.key = envs, num_steps, key
-        self.obs, _ = envs.reset()
-        num_envs = self.obs.shape[0]
-        self.reset_next = np.zeros(num_envs, dtype=bool)
-        self.episode_return, self.episode_length = np.zeros(num_envs), np.zeros(num_envs)
-        self.finished_returns, self.finished_lengths = [], []
-
-        @jax.jit
-        def act(params, obs, key):
-            key, subkey = jax.random.split(key)
-            return jax.random.categorical(subkey, network.apply(params, obs)[0]), key
-
-        self.act = act
-
-    def __call__(self, params) -> Rollout:
-        storage = dict(obs=[], actions=[], rewards=[], terminations=[], truncations=[], resets=[])
-        for _ in range(self.num_steps):
-            actions, self.key = self.act(params, self.obs, self.key)
-            actions = np.asarray(actions)
-            storage["obs"].append(self.obs)
-            storage["actions"].append(actions)
-            storage["resets"].append(self.reset_next)
-            self.obs, reward, terminated, truncated, info = self.envs.step(actions)
-            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
-            storage["rewards"].append(reward)
-            storage["terminations"].append(terminated)
-            storage["truncations"].append(truncated)
-            self.episode_return += reward
-            self.episode_length += ~self.reset_next
-            done = terminated | truncated
-            self.finished_returns += list(self.episode_return[done])
-            self.finished_lengths += list(self.episode_length[done])
-            self.episode_return[done], self.episode_length[done] = 0.0, 0.0
-            self.reset_next = done
-        storage["obs"].append(self.obs)
-        arrays = {k: np.stack(v) for k, v in storage.items()}
-        arrays = {k: v.astype(np.float32) if v.dtype == bool or k == "rewards" else v for k, v in arrays.items()}
-        return Rollout(**arrays)
-
-    def pop_stats(self):
-        stats = (sum(self.finished_returns), sum(self.finished_lengths), len(self.finished_returns))
-        self.finished_returns, self.finished_lengths = [], []
-        return stats
-
-
-def make_envpool_update(args: Args, weights: Optional[np.ndarray]):
-    """Jitted pieces of one update from stored rollouts: the inner step (to act with theta^(j)) and the meta step, which
-    replays the n inner updates on the n + 1 stored rollouts (the same `meta_update` as on Snake)."""
-
-    @jax.jit
-    def inner_step(agent_state, meta_params, params, opt_state, rollout):
-        eta = hyperparameters(meta_params)
-        return inner_update(params, opt_state, agent_state.tx, agent_state.apply_fn, rollout, eta)[:2]
-
-    @jax.jit
-    def update(agent_state, meta_state, rollouts: Rollout):
-        rollout = jax.tree.map(lambda x: x[0], rollouts)
-        if weights is None:
-            agent_state, meta_state, metrics = fixed_update(agent_state, meta_state, rollout, args)
-        else:
-            stored = lambda params, j: (jax.tree.map(lambda x: x[j], rollouts), j + 1)  # tau^(j), j = 1..n
-            agent_state, meta_state, metrics = meta_update(agent_state, meta_state, rollout, stored, 1, weights, args)
-        metrics["meta"] = hyperparameters(meta_state.params)
-        return agent_state, meta_state, metrics
-
-    return inner_step, update
-
-
 def local_copy(tree):
     """This process's copy of (replicated) arrays as numpy, also of arrays that span several processes."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)
@@ -773,8 +656,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, request_stop)
     args.batch_size = args.num_envs * args.num_steps
     args.num_updates = max(1, args.total_timesteps // args.batch_size)
-    if args.env_id == "snake_jax":  # whole jitted chunks: round up to a multiple of --log-frequency
-        args.num_updates = -(-args.num_updates // args.log_frequency) * args.log_frequency
+    # whole jitted chunks: round up to a multiple of --log-frequency
+    args.num_updates = -(-args.num_updates // args.log_frequency) * args.log_frequency
     weights = None if args.inner_steps == 0 else mixing_weights(args.inner_steps, args.kappa, args.mix)
     run_dir = (
         os.path.dirname(args.resume)
@@ -803,15 +686,8 @@ if __name__ == "__main__":
 
     key = jax.random.PRNGKey(args.seed)
     key, network_key, env_key, probe_key = jax.random.split(key, 4)
-    snake = args.env_id == "snake_jax"
-    if snake:
-        num_actions, sample_obs = snake_jax.NUM_ACTIONS, jnp.zeros(
-            (1, snake_jax.NUM_CHANNELS, args.board_size, args.board_size)
-        )
-    else:
-        envs = make_env(args.env_id, args.seed, args.num_envs, args)
-        num_actions, sample_obs = envs.action_space.n, np.array([envs.observation_space.sample()])
-    network = AgentNetwork(num_actions)
+    network = AgentNetwork(snake_jax.NUM_ACTIONS)
+    sample_obs = jnp.zeros((1, snake_jax.NUM_CHANNELS, args.board_size, args.board_size))
     agent_state = TrainState.create(
         apply_fn=network.apply, params=network.init(network_key, sample_obs), tx=make_optimizer(args)
     )
@@ -821,13 +697,9 @@ if __name__ == "__main__":
         tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
     )
 
-    if snake:
-        env = snake_reset(env_key, args.num_envs, args.board_size)
-        train_chunk = make_snake_train_chunk(args, weights)
-        probe = make_variance_probe(args) if args.variance_points else None
-    else:
-        collector = EnvPoolCollector(envs, network, args.num_steps, env_key)
-        inner_step, envpool_update = make_envpool_update(args, weights)
+    env = snake_reset(env_key, args.num_envs, args.board_size)
+    train_chunk = make_snake_train_chunk(args, weights)
+    probe = make_variance_probe(args) if args.variance_points else None
 
     num_chunks = -(-args.num_updates // args.log_frequency)
     # the variance is measured after chunks 1..num_chunks, evenly spread, never before the first real update
@@ -835,16 +707,13 @@ if __name__ == "__main__":
     variance_rows = []
     returns_history = []
     global_step, update = 0, 0
-    if saved:  # Snake continues exactly where it stopped (its state is in the checkpoint); EnvPool's environments restart
+    if saved:  # the games continue exactly where they stopped: their state is in the checkpoint
         agent_state = flax.serialization.from_state_dict(agent_state, saved["agent_state"])
         meta_state = flax.serialization.from_state_dict(meta_state, saved["meta_state"])
         update, global_step, probe_key = int(saved["update"]), int(saved["global_step"]), saved["probe_key"]
         returns_history = [tuple(row) for row in saved["returns"]]
         variance_rows = json.loads(saved["variance"])
-        if snake:
-            env = flax.serialization.from_state_dict(env, saved["env"])
-        else:
-            collector = EnvPoolCollector(envs, network, args.num_steps, jax.random.fold_in(env_key, update))
+        env = flax.serialization.from_state_dict(env, saved["env"])
         print(f"resumed from {args.resume} at update {update}, global step {global_step}")
 
     def training_state():
@@ -856,28 +725,16 @@ if __name__ == "__main__":
             probe_key=probe_key,
             returns=np.asarray(returns_history, np.float64).reshape(-1, 2),
             variance=json.dumps(variance_rows),
-            env=env if snake else {},
+            env=env,
         )
 
     start_time, start_step, last_save = time.time(), global_step, update
     warned = set()  # saturated meta-parameters, each reported once
     for chunk in range(update // args.log_frequency, num_chunks):
         chunk_start = update
-        if snake:
-            agent_state, meta_state, env, metrics, stats = train_chunk(agent_state, meta_state, env)
-            metrics, stats = jax.device_get((metrics, stats))
-            update += args.log_frequency
-        else:
-            for _ in range(min(args.log_frequency, args.num_updates - update)):
-                rollouts = [collector(agent_state.params)]
-                params, opt_state = agent_state.params, agent_state.opt_state
-                for _ in range(args.inner_steps):  # look-ahead: act with theta^(j), stepping the real environments
-                    params, opt_state = inner_step(agent_state, meta_state.params, params, opt_state, rollouts[-1])
-                    rollouts.append(collector(params))
-                stacked = jax.tree.map(lambda *x: np.stack(x), *rollouts)
-                agent_state, meta_state, metrics = envpool_update(agent_state, meta_state, stacked)
-                update += 1
-            metrics, stats = jax.device_get(metrics), collector.pop_stats()
+        agent_state, meta_state, env, metrics, stats = train_chunk(agent_state, meta_state, env)
+        metrics, stats = jax.device_get((metrics, stats))
+        update += args.log_frequency
         global_step = update * args.batch_size
         failed = non_finite(loss=metrics["loss"], parameters=agent_state.params, meta_parameters=meta_state.params)
         failed = [name for name, bad in jax.device_get(failed).items() if bad]

@@ -19,6 +19,8 @@ Pure API (jit- and vmap-able; the board size is read from the state's shape, so 
     state, obs = reset(key, board_size=12)
     state, obs, reward, terminated, truncated = step(state, action, max_episode_steps=5000)
     state, obs, reward, terminated, truncated = step_autoreset(state, action, max_episode_steps=5000)
+Batched, with EnvPool's auto-reset rule (jax_env_autoreset.py; reset_now: terminated | truncated of the previous call):
+    states, obs, reward, terminated, truncated = envpool_step(states, reset_now, actions, max_episode_steps=5000)
 Batched numpy API with EnvPool's gym interface and auto-reset rule (what `--env-id snake_jax` gives the IMPALA scripts):
     envs = make_vec_env(num_envs, seed); obs, info = envs.reset(); obs, reward, terminated, truncated, info = envs.step(a)
 
@@ -38,6 +40,8 @@ import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jax_env_autoreset
 
 BOARD_SIZE = 12
 MAX_EPISODE_STEPS = 5000
@@ -173,9 +177,8 @@ def step_state(
         step_count=step_count,
         key=key,
     )
-    if autoreset:
-        fresh = _new_episode(key, words, board_size)
-        next_state = jax.tree.map(functools.partial(jnp.where, terminated | truncated), fresh, next_state)
+    if autoreset:  # the same new episode as reset_state(state.key), from the words already drawn
+        next_state = jax_env_autoreset.where_tree(terminated | truncated, _new_episode(key, words, board_size), next_state)
     return next_state, eat.astype(jnp.float32), terminated, truncated
 
 
@@ -199,22 +202,24 @@ def step_autoreset(
     return state, observe(state), reward, terminated, truncated
 
 
-def _envpool_step(state: SnakeState, reset_now: jax.Array, actions: jax.Array, max_episode_steps: int):
-    """Batched move with EnvPool's rule: envs that ended at the previous call ignore their action and restart."""
-    stepped, reward, terminated, truncated = jax.vmap(functools.partial(step_state, max_episode_steps=max_episode_steps))(
-        state, actions
+def envpool_step(states: SnakeState, reset_now: jax.Array, actions: jax.Array, max_episode_steps: int = MAX_EPISODE_STEPS):
+    """Batched move with EnvPool's rule (`jax_env_autoreset.envpool_step`): envs that ended at the previous call ignore
+    their action and restart. (states, obs, reward, terminated, truncated), leading axis B."""
+    return jax_env_autoreset.envpool_step(
+        functools.partial(step_state, max_episode_steps=max_episode_steps),
+        functools.partial(reset_state, board_size=states.body.shape[-1]),
+        observe,
+        states,
+        reset_now,
+        actions,
     )
-    fresh = jax.vmap(reset_state, in_axes=(0, None))(state.key, state.body.shape[-1])
-    state = jax.tree.map(lambda a, b: jnp.where(reset_now.reshape(-1, *[1] * (a.ndim - 1)), a, b), fresh, stepped)
-    reward = jnp.where(reset_now, 0.0, reward)
-    return state, jax.vmap(observe)(state), reward, terminated & ~reset_now, truncated & ~reset_now
 
 
 @functools.cache
 def _jitted_batch_functions(board_size: int, max_episode_steps: int):
     """One compilation per setting, shared by every SnakeVecEnv (e.g. one per actor thread)."""
     batch_reset = jax.jit(jax.vmap(functools.partial(reset, board_size=board_size)))
-    return batch_reset, jax.jit(functools.partial(_envpool_step, max_episode_steps=max_episode_steps))
+    return batch_reset, jax.jit(functools.partial(envpool_step, max_episode_steps=max_episode_steps))
 
 
 class SnakeVecEnv:

@@ -41,6 +41,8 @@ Pure API (jit- and vmap-able):
     state, obs, reward, terminated, truncated = step(state, action, swapped, step_penalty=0.01, max_episode_steps=50)
     state, obs, reward, terminated, truncated = step_autoreset(state, action, swapped, ...)
     swapped = is_swapped(global_step, toggle_period)
+Batched, with EnvPool's auto-reset rule (jax_env_autoreset.py; reset_now: terminated | truncated of the previous call):
+    states, obs, reward, terminated, truncated, swapped = envpool_step(states, reset_now, actions, first_step, ...)
 Batched numpy API with EnvPool's gym interface and auto-reset rule (what `--env-id two_colors_jax` gives the IMPALA
 scripts):
     envs = make_vec_env(num_envs, seed); obs, info = envs.reset(); obs, reward, terminated, truncated, info = envs.step(a)
@@ -61,6 +63,8 @@ import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jax_env_autoreset
 
 GRID_SIZE = 7
 NUM_CELLS = GRID_SIZE * GRID_SIZE
@@ -177,7 +181,7 @@ def step_state(
         key=state.key,
     )
     if autoreset:
-        next_state = jax.tree.map(functools.partial(jnp.where, terminated | truncated), reset_state(state.key), next_state)
+        next_state = jax_env_autoreset.where_tree(terminated | truncated, reset_state(state.key), next_state)
     return next_state, reward.astype(jnp.float32), terminated, truncated
 
 
@@ -209,35 +213,30 @@ def step_autoreset(
     return state, observe(state), reward, terminated, truncated
 
 
-def _envpool_step(
-    state: TwoColorsState,
+def envpool_step(
+    states: TwoColorsState,
     reset_now: jax.Array,
     actions: jax.Array,
     first_step: jax.Array,
-    toggle_period: int,
-    step_penalty: float,
-    max_episode_steps: int,
+    toggle_period: int = TOGGLE_PERIOD,
+    step_penalty: float = STEP_PENALTY,
+    max_episode_steps: int = MAX_EPISODE_STEPS,
 ):
-    """Batched move with EnvPool's rule: envs that ended at the previous call ignore their action and restart.
+    """Batched move with EnvPool's rule (`jax_env_autoreset.envpool_step`): envs that ended at the previous call ignore
+    their action and restart. (states, obs, reward, terminated, truncated, swapped), leading axis B.
 
     Env i plays global step first_step + i, so a toggle can fall inside a batch, exactly at its step.
     """
     swapped = is_swapped(first_step + jnp.arange(actions.shape[0], dtype=first_step.dtype), toggle_period)
-    stepped, reward, terminated, truncated = jax.vmap(
-        functools.partial(step_state, step_penalty=step_penalty, max_episode_steps=max_episode_steps)
-    )(state, actions, swapped)
-    state = jax.tree.map(
-        lambda a, b: jnp.where(reset_now.reshape(-1, *[1] * (a.ndim - 1)), a, b), jax.vmap(reset_state)(state.key), stepped
-    )
-    reward = jnp.where(reset_now, 0.0, reward)
-    return state, jax.vmap(observe)(state), reward, terminated & ~reset_now, truncated & ~reset_now, swapped
+    step_fn = functools.partial(step_state, step_penalty=step_penalty, max_episode_steps=max_episode_steps)
+    return *jax_env_autoreset.envpool_step(step_fn, reset_state, observe, states, reset_now, actions, swapped), swapped
 
 
 @functools.cache
 def _jitted_batch_functions(toggle_period: int, step_penalty: float, max_episode_steps: int):
     """One compilation per setting, shared by every TwoColorsVecEnv (e.g. one per actor thread)."""
     batch_step = functools.partial(
-        _envpool_step, toggle_period=toggle_period, step_penalty=step_penalty, max_episode_steps=max_episode_steps
+        envpool_step, toggle_period=toggle_period, step_penalty=step_penalty, max_episode_steps=max_episode_steps
     )
     return jax.jit(jax.vmap(reset)), jax.jit(batch_step)
 

@@ -1,5 +1,5 @@
 """mix_metagrad.py: n-step and mixed meta-gradients against direct and finite-difference references, the mixing
-weights, lambda-returns against rlax, the variance statistic, and smoke runs on Snake and EnvPool."""
+weights, lambda-returns against rlax, the variance statistic, a smoke run on Snake and the refusal of other environments."""
 
 import json
 import os
@@ -14,8 +14,8 @@ import optax
 import pytest
 import rlax
 from flax.training.train_state import TrainState
+from helpers import only_run_dir, run_script, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_qr_impala_run import only_run_dir, run_script, scalars
 
 import mix_metagrad as mm
 
@@ -40,7 +40,7 @@ def make_rollouts(num, seed=0, dtype=np.float32):
 
 
 def make_problem(dtype=np.float64, seed=0):
-    args = mm.Args(env_id="CartPole-v1", gamma=0.9, lambda_=0.8, crit_coef=0.4, ent_coef=0.05)
+    args = mm.Args(gamma=0.9, lambda_=0.8, crit_coef=0.4, ent_coef=0.05)
     args.num_updates = 100
     args.learning_rate = 0.05  # large steps, so that theta^(n) depends visibly on every inner step
     network = mm.AgentNetwork(NUM_ACTIONS)
@@ -56,7 +56,7 @@ def make_problem(dtype=np.float64, seed=0):
 
 
 def stored(rollouts):
-    """The look-ahead 'collector' that hands out stored rollouts tau^(1), tau^(2), ... (as the EnvPool path does)."""
+    """A look-ahead 'collector' that hands out the stored rollouts tau^(1), tau^(2), ... instead of stepping games."""
     return lambda params, j: (jax.tree.map(lambda x: x[j], rollouts), j + 1)
 
 
@@ -267,18 +267,12 @@ def test_snake_smoke_run_with_mixing_and_variance_mode(tmp_path):
     )
 
 
-def test_envpool_smoke_run(tmp_path):
-    result = run_script(
-        tmp_path,
-        *["--env-id", "CartPole-v1", "--total-timesteps", "320", "--num-envs", "4", "--num-steps", "8"],
-        *["--log-frequency", "5", "--inner-steps", "2"],
-        script="mix_metagrad.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(only_run_dir(tmp_path))
-    for tag in ["charts/episodic_return", "losses/outer_loss", "meta/gamma", "meta/grad_norm"]:
-        assert tag in logged and np.all(np.isfinite(logged[tag])), tag
-    assert len(logged["meta/gamma"]) == 2
+def test_other_environments_are_refused_with_one_line_before_anything_is_written(tmp_path):
+    result = run_script(tmp_path, "--env-id", "CartPole-v1", script="mix_metagrad.py")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "--env-id CartPole-v1: only snake_jax, a pure JAX game whose state the look-ahead rollouts copy"
+    ]
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -286,9 +280,9 @@ def test_envpool_smoke_run(tmp_path):
     [
         (dict(inner_steps=0, mix=True), "--mix needs"),
         (dict(inner_steps=3, mix=True, kappa=1.5), "--kappa must lie"),
-        (dict(env_id="CartPole-v1", variance_points=3), "only --env-id snake_jax"),
+        (dict(env_id="two_colors_jax"), "--env-id two_colors_jax: only snake_jax"),
         (dict(variance_points=3, variance_nstep=[3, 5]), "must contain 1"),
-        (dict(env_id="Breakout-v55"), "unknown --env-id"),
+        (dict(env_id="Breakout-v5", variance_points=3), "--env-id Breakout-v5: only snake_jax"),
         (dict(gamma=1.0), "must lie in (0, 1)"),
     ],
 )

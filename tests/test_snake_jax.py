@@ -10,7 +10,7 @@ import pytest
 from snake_jax import (
     SnakeState,
     SnakeVecEnv,
-    _envpool_step,
+    envpool_step,
     make_vec_env,
     observe,
     reset,
@@ -334,7 +334,7 @@ def test_envpool_step_ignores_the_action_of_an_env_being_reset():
     # two identical envs whose next move (right) eats; the first ended at the previous call and must restart instead
     state = make_state([(5, 5), (5, 4)], fruit=(5, 6), step_count=9)
     states = jax.tree.map(lambda x: jnp.stack([x, x]), state)
-    states, obs, reward, terminated, truncated = _envpool_step(
+    states, obs, reward, terminated, truncated = envpool_step(
         states, jnp.array([True, False]), jnp.array([RIGHT, RIGHT]), max_episode_steps=100
     )
     np.testing.assert_array_equal(reward, [0.0, 1.0])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import only_run_dir, run_script, scalars
 
 import two_colors_jax
 from two_colors_jax import (
@@ -402,8 +403,6 @@ def test_vec_env_is_deterministic_in_its_seed():
 
 
 def test_qr_impala_smoke_run(tmp_path, monkeypatch):
-    from test_qr_impala_run import only_run_dir, run_script, scalars
-
     monkeypatch.setenv("TWO_COLORS_TOGGLE_PERIOD", "100")  # several toggles inside the run
     flags = ["--env-id", "two_colors_jax", "--total-timesteps", "512", "--local-num-envs", "4", "--num-steps", "8"]
     result = run_script(tmp_path, *flags, "--log-frequency", "2", "--save-model", "--eval-episodes", "2")
