@@ -1,4 +1,5 @@
-"""drmg.py: meta-gradient against finite differences, QR equivalence, n-step return, scalar eta, learning, smoke runs."""
+"""drmg.py: meta-gradient against finite differences, QR equivalence, distributional v-trace and n-step return against
+plain loops, scalar eta, learning, smoke runs."""
 
 import itertools
 
@@ -8,30 +9,19 @@ import numpy as np
 import optax
 import pytest
 from flax.training.train_state import TrainState
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from test_qr_impala_run import make_rollout as make_random_rollout
-from test_qr_impala_run import only_run_dir, run_script, scalars
+from helpers import (
+    check_no_return_crosses_an_episode_boundary,
+    check_two_devices_give_the_single_device_meta_step,
+    learn_cartpole,
+    make_small_rollout,
+    make_states,
+    make_unroll,
+    smoke_run,
+    vtrace_oracle_batch,
+)
 
 import drmg
 import qr_impala
-
-NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM = 5, 4, 3, 3
-
-
-def make_rollout(module, seed=0, dtype=np.float32):
-    return make_random_rollout(module, NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, seed, dtype)
-
-
-def make_states(module, args, rollout, seed=0):
-    network = module.AgentNetwork(NUM_ACTIONS, args.num_quantiles)
-    params = network.init(jax.random.PRNGKey(seed), rollout.obs[0])
-    params = jax.tree.map(lambda x: x.astype(rollout.obs.dtype), params)  # flax initialises float32 even under x64
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.rmsprop(args.learning_rate, decay=0.99, eps=0.01))
-    agent_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-    # One real step first, so that RMSProp's second-moment estimate is not all zeros.
-    grads = jax.grad(lambda p: jnp.sum(network.apply(p, rollout.obs[0])[1] ** 2))(params)
-    return agent_state.apply_gradients(grads=grads)
 
 
 def test_meta_gradient_equals_central_finite_differences_in_float64():
@@ -40,7 +30,7 @@ def test_meta_gradient_equals_central_finite_differences_in_float64():
     The oracle differentiates theta'(eta) by central differences, its inner step written here independently."""
     with jax.enable_x64(True):
         args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.7, alpha=0.6, weight_init=0.8, learning_rate=0.05)
-        rollout = jax.tree.map(jnp.asarray, make_rollout(drmg, dtype=np.float64))
+        rollout = jax.tree.map(jnp.asarray, make_small_rollout(drmg, dtype=np.float64))
         inner, outer = drmg.split_halves(rollout)
         agent_state = make_states(drmg, args, rollout)
         meta_params = jax.tree.map(lambda x: x + jnp.linspace(-0.3, 0.3, x.size).reshape(x.shape), drmg.init_meta_params(args))
@@ -77,14 +67,39 @@ def test_meta_learn_none_step_equals_qr_impala_step():
     common = dict(num_quantiles=4, gamma=0.95, lambda_=0.9, alpha=0.8, learning_rate=0.01)
     drmg_args = drmg.Args(meta_learn="none", weight_init=1.0, **common)
     qr_args = qr_impala.Args(**common)
-    rollout = jax.tree.map(jnp.asarray, make_rollout(drmg))
+    rollout = jax.tree.map(jnp.asarray, make_small_rollout(drmg))
     agent_state = make_states(drmg, drmg_args, rollout)
-    meta_state = TrainState.create(apply_fn=None, params=drmg.init_meta_params(drmg_args), tx=optax.adam(1e-3))
+    meta_state = TrainState.create(
+        apply_fn=None, params=drmg.init_meta_params(drmg_args), tx=drmg.make_meta_optimizer(drmg_args)
+    )
     drmg_state, new_meta_state, _ = drmg.learner_step(agent_state, meta_state, rollout, drmg_args, axis_name=None)
     qr_state, _ = qr_impala.learner_step(agent_state, qr_impala.Rollout(*rollout), qr_args, axis_name=None)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), drmg_state.params, qr_state.params)
     jax.tree.map(np.testing.assert_array_equal, new_meta_state.params, meta_state.params)
     assert optax.global_norm(jax.tree.map(jnp.subtract, qr_state.params, agent_state.params)) > 1e-4
+
+
+GAMMA, LAMBDA = np.array([0.9, 0.97, 0.5], np.float32), np.array([1.0, 0.5, 0.0], np.float32)
+
+
+def distributional_vtrace(u, alpha, rho_bar=1.0, c_bar=1.0, pg_rho_bar=1.0):
+    keys = ["values", "bootstrap_value", "rewards", "discounts", "trace_masks", "log_rhos"]
+    return drmg.distributional_vtrace(*(u[k] for k in keys), GAMMA, LAMBDA, alpha, rho_bar, c_bar, pg_rho_bar)
+
+
+@pytest.mark.parametrize("alpha,rho_bar,c_bar,pg_rho_bar", [(1.0, 1.0, 1.0, 1.0), (0.7, 2.0, 0.8, 1.5)])
+def test_distributional_vtrace_equals_the_plain_loop_per_quantile(alpha, rho_bar, c_bar, pg_rho_bar):
+    """Eq. 9-11, each quantile its own v-trace with its own gamma and lambda; A_Z's ratio is clipped whatever alpha is."""
+    u = make_unroll(2, num_quantiles=3)
+    returns, advantages = distributional_vtrace(u, alpha, rho_bar, c_bar, pg_rho_bar)
+    options = dict(rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar, alpha_rho=alpha, alpha_pg=1.0)
+    expected_returns, expected_advantages = vtrace_oracle_batch(u, GAMMA, LAMBDA, **options)
+    np.testing.assert_allclose(returns, expected_returns, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(advantages, expected_advantages, rtol=1e-4, atol=1e-4)
+
+
+def test_no_distributional_return_crosses_an_episode_boundary():
+    check_no_return_crosses_an_episode_boundary(lambda u: distributional_vtrace(u, 0.8), num_quantiles=3)
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])
@@ -116,7 +131,7 @@ def test_nstep_distributional_return_equals_a_plain_loop(n):
 def test_scalar_eta_equals_vector_eta_with_equal_entries():
     vector_args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.8, alpha=0.7)
     scalar_args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.8, alpha=0.7, scalar_eta=True)
-    rollout = jax.tree.map(jnp.asarray, make_rollout(drmg))
+    rollout = jax.tree.map(jnp.asarray, make_small_rollout(drmg))
     inner, outer = drmg.split_halves(rollout)
     agent_state = make_states(drmg, vector_args, rollout)
     scalar_meta, vector_meta = drmg.init_meta_params(scalar_args), drmg.init_meta_params(vector_args)
@@ -133,7 +148,7 @@ def test_scalar_eta_equals_vector_eta_with_equal_entries():
 
 def test_eta1_learns_only_the_loss_weights():
     args = drmg.Args(num_quantiles=3, meta_learn="eta1")
-    rollout = jax.tree.map(jnp.asarray, make_rollout(drmg))
+    rollout = jax.tree.map(jnp.asarray, make_small_rollout(drmg))
     inner, outer = drmg.split_halves(rollout)
     agent_state = make_states(drmg, args, rollout)
     grads, _, _ = drmg.meta_gradient(drmg.init_meta_params(args), agent_state, inner, outer, args, None)
@@ -143,45 +158,14 @@ def test_eta1_learns_only_the_loss_weights():
         assert np.all(grads[name] != 0), name
 
 
-def meta_step_on(module, devices, args, agent_state, meta_state, batch):
-    """`module`'s jitted learner step with the batch sharded over `devices` and the train states replicated."""
-    mesh = Mesh(np.array(devices), ("learner",))
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "learner"))
-    return module.make_learner_step(args, mesh)(
-        jax.device_put(agent_state, replicated), jax.device_put(meta_state, replicated), jax.device_put(batch, sharded)
-    )
-
-
-def assert_same_step(one, two):
-    """Both train states equal; with SGD at learning rate 1 the meta step is minus the meta-gradient."""
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[1].params, one[1].params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[0].params, one[0].params)
-    assert float(one[2]["meta_grad_norm"]) > 1e-6
-
-
 def test_two_device_meta_step_equals_single_device_meta_step():
-    args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.8, alpha=0.7)
-    rollout = make_rollout(drmg)
-    agent_state = make_states(drmg, args, jax.tree.map(jnp.asarray, rollout))
-    meta_state = TrainState.create(apply_fn=None, params=drmg.init_meta_params(args), tx=optax.sgd(1.0))
-    # Each device halves its own shard, so on two devices tau1 = envs {0, 2} and tau2 = envs {1, 3}: the pairing of
-    # inner and outer data matters to the meta-gradient, so give the single device the same halves.
-    reordered = jax.tree.map(lambda x: x[:, [0, 2, 1, 3]], rollout)
-    one = meta_step_on(drmg, jax.devices()[:1], args, agent_state, meta_state, reordered)
-    assert_same_step(one, meta_step_on(drmg, jax.devices()[:2], args, agent_state, meta_state, rollout))
+    check_two_devices_give_the_single_device_meta_step(drmg, drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.8, alpha=0.7))
 
 
 def test_learns_cartpole_and_meta_parameters_move(tmp_path):
-    result = run_script(
-        tmp_path,
-        *["--env-id", "CartPole-v1", "--seed", "1", "--total-timesteps", "100000"],
-        *["--local-num-envs", "4", "--num-steps", "16", "--learning-rate", "2e-3", "--log-frequency", "100"],
-        script="drmg.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(only_run_dir(tmp_path))
+    logged, _ = learn_cartpole(tmp_path, "drmg.py", 100000, "2e-3")
     returns = logged["charts/avg_episodic_return_last100"]
-    assert returns[0] < 40 and returns[-1] >= 100, returns[-10:]
+    assert returns[-1] >= 100, returns[-10:]
     meta_tags = [tag for tag in logged if tag.startswith("meta/")]
     assert {"meta/gamma/q00", "meta/lambda/q31", "meta/w_z/q07", "meta/alpha", "meta/w_pi", "meta/w_h"} <= set(meta_tags)
     for tag in meta_tags:
@@ -195,14 +179,7 @@ def test_learns_cartpole_and_meta_parameters_move(tmp_path):
 def test_smoke_run(tmp_path, ablation):
     """The default on Breakout-v5 (the ResNet), the ablations on CartPole-v1 (quicker to compile)."""
     env_id = "CartPole-v1" if ablation else "Breakout-v5"
-    result = run_script(
-        tmp_path,
-        *["--env-id", env_id, "--total-timesteps", "32", "--local-num-envs", "2", "--num-actor-threads", "1"],
-        *["--num-steps", "8", "--log-frequency", "1", *ablation],
-        script="drmg.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(only_run_dir(tmp_path))
-    assert np.isfinite(logged["losses/loss"]).all() and "meta/gamma/q00" in logged
+    logged = smoke_run(tmp_path, "drmg.py", env_id, *ablation)
+    assert "meta/gamma/q00" in logged
     assert ("meta/grad_norm" in logged) == (ablation != ["--meta-learn", "none"])
     assert ("meta/gamma/q01" in logged) == (ablation != ["--scalar-eta"])

@@ -7,7 +7,7 @@
   copies of the scripts (reset steps counted as transitions, truncations ignored) must fail it.
 - The actors' bookkeeping with a scripted environment: resets, terminations, truncations, rewards, observations and
   every episode's return and length, logged by every actor thread at the episode's own global step, by hand.
-- mix_metagrad.py's Snake stepping against snake_jax's own EnvPool-style step.
+- mix_metagrad.py's Snake rollouts against EnvPool's rule and its episode bookkeeping, one game at a time in plain Python.
 """
 
 import os
@@ -251,26 +251,74 @@ def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# mix_metagrad.py's Snake stepping
+# mix_metagrad.py's Snake rollouts
 
 
-def test_mix_metagrad_snake_step_is_snake_jax_envpool_step():
-    """200 random moves of 16 games on a 5 x 5 board with a 12-move time limit, from the same states: observations,
-    rewards, ends and states agree at every move, across terminations, truncations and reset steps."""
-    num_envs, board, limit = 16, 5, 12
-    state, obs = jax.vmap(partial(snake_jax.reset, board_size=board))(jax.random.split(jax.random.PRNGKey(0), num_envs))
-    ours, theirs, reset_now = state, state, jnp.zeros(num_envs, bool)
-    step_ours = jax.jit(jax.vmap(partial(mix_metagrad.snake_step, max_episode_steps=limit)))
-    step_theirs = jax.jit(partial(snake_jax._envpool_step, max_episode_steps=limit))
-    counts = np.zeros(3, int)
-    for key in jax.random.split(jax.random.PRNGKey(1), 200):
-        actions = jax.random.randint(key, (num_envs,), 0, snake_jax.NUM_ACTIONS)
-        ours, *out_ours = step_ours(ours, reset_now, actions)
-        theirs, *out_theirs = step_theirs(theirs, reset_now, actions)
-        for a, b in zip(out_ours, out_theirs):
-            np.testing.assert_array_equal(a, b)
-        jax.tree.map(np.testing.assert_array_equal, ours, theirs)
-        _, _, terminated, truncated = out_ours
-        counts += [int(np.sum(terminated)), int(np.sum(truncated)), int(np.sum(reset_now))]
-        reset_now = terminated | truncated
-    assert np.all(counts > 10), counts  # terminations, truncations and reset steps all happened
+def mix_rollout_oracle(state, obs, actions, board, limit):
+    """One game under EnvPool's rule, in plain Python from snake_jax's `step` and `reset`: after the move that ends an
+    episode, the next step ignores its action and restarts the game (reward 0, a reset step, no move counted).
+    Returns the observations before every step and after the last, rewards, terminations, truncations, reset steps,
+    the final state and the (return, length) of every finished episode."""
+    out = dict(obs=[obs], rewards=[], terminations=[], truncations=[], resets=[], episodes=[])
+    reset_next, episode_return, episode_length = False, 0.0, 0
+    step, reset = jax.jit(snake_jax.step, static_argnums=2), jax.jit(snake_jax.reset, static_argnums=1)
+    for action in actions:
+        out["resets"].append(reset_next)
+        if reset_next:
+            state, obs = reset(state.key, board)
+            reward, terminated, truncated = 0.0, False, False
+        else:
+            state, obs, reward, terminated, truncated = step(state, action, limit)
+            episode_length += 1
+        episode_return += float(reward)
+        reset_next = bool(terminated) or bool(truncated)
+        if reset_next:
+            out["episodes"].append((episode_return, episode_length))
+            episode_return, episode_length = 0.0, 0
+        for name, value in zip(("obs", "rewards", "terminations", "truncations"), (obs, reward, terminated, truncated)):
+            out[name].append(value)
+    return out, state
+
+
+def immediate_reset(states, reset_now, actions, max_episode_steps):
+    """A broken rule for mix_metagrad to use: the final move already restarts the game (no reset steps)."""
+    return jax.vmap(partial(snake_jax.step_autoreset, max_episode_steps=max_episode_steps))(states, actions)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_mix_metagrad_snake_rollouts_follow_envpools_rule(broken, monkeypatch):
+    """Two chained rollouts of 30 moves of 8 random games on a 5 x 5 board with a 12-move time limit: every observation,
+    reward, end and reset step, the games' states and the episode statistics agree with the oracle, across
+    terminations, truncations and reset steps; a rollout built on the immediate auto-reset rule fails the comparison."""
+    num_envs, board, limit, num_steps = 8, 5, 12, 30
+    if broken:
+        monkeypatch.setattr(mix_metagrad.snake_jax, "envpool_step", immediate_reset)
+    uniform = lambda params, obs: (jnp.zeros((obs.shape[0], snake_jax.NUM_ACTIONS)), jnp.zeros(obs.shape[0]))
+    collect = jax.jit(partial(mix_metagrad.collect_snake, None, uniform, num_steps=num_steps, max_episode_steps=limit))
+    carry = mix_metagrad.snake_reset(jax.random.PRNGKey(0), num_envs, board)
+    start = jax.device_get((carry.state, carry.obs))
+    rollouts, stats = [], np.zeros(3)
+    for _ in range(2):
+        rollout, carry, rollout_stats = collect(carry)
+        rollouts.append(jax.device_get(rollout))
+        stats += jax.device_get(rollout_stats)
+    actions = np.concatenate([r.actions for r in rollouts])
+    episodes, counts = [], np.zeros(3, int)
+    try:
+        for i in range(num_envs):
+            single = lambda tree: jax.tree.map(lambda x: x[i], tree)
+            expected, final_state = mix_rollout_oracle(*single(start), actions[:, i], board, limit)
+            for k, r in enumerate(rollouts):
+                steps = slice(k * num_steps, (k + 1) * num_steps)
+                np.testing.assert_array_equal(r.obs[:, i], expected["obs"][k * num_steps : (k + 1) * num_steps + 1])
+                for name in ("rewards", "terminations", "truncations", "resets"):
+                    np.testing.assert_array_equal(getattr(r, name)[:, i], np.float32(expected[name][steps]), err_msg=name)
+            jax.tree.map(np.testing.assert_array_equal, single(jax.device_get(carry.state)), jax.device_get(final_state))
+            episodes += expected["episodes"]
+            counts += [sum(expected["terminations"]), sum(expected["truncations"]), sum(expected["resets"])]
+        np.testing.assert_allclose(stats, [sum(r for r, _ in episodes), sum(n for _, n in episodes), len(episodes)], rtol=1e-6)
+    except AssertionError:
+        assert broken
+        return
+    assert not broken, "the oracle missed a rollout without reset steps"
+    assert np.all(counts > 5), counts  # terminations, truncations and reset steps all happened

@@ -2,7 +2,6 @@
 
 import os
 import re
-import sys
 from types import SimpleNamespace
 
 import jax
@@ -11,10 +10,8 @@ import numpy as np
 import optax
 import pytest
 from flax.training.train_state import TrainState
-from test_qr_impala_run import only_run_dir, run_script, scalars
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
-from learner_setup import MODULES, learner, random_batch, script_args  # noqa: E402
+from helpers import only_run_dir, run_script, scalars
+from learner_setup import MODULES, learner, random_batch, script_args
 
 # Small frames take qr_impala.py through the ResNet and `cpu_conv` inside the scan; vector observations keep the
 # meta-gradient scripts' second-order compilations short (their `cpu_conv` is checked on its own below).

@@ -17,16 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_qr_impala_run import ROOT, only_run_dir, run_script, scalars
+from helpers import ROOT, only_run_dir, run_script, scalars, script_env
+from learner_setup import learner, script_args
 
 import drmg
 import mg
 import mix_metagrad
 import qr_impala
 import stacx
-
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from learner_setup import learner, script_args  # noqa: E402
 
 CARTPOLE = ["--env-id", "CartPole-v1", "--local-num-envs", "4", "--num-steps", "8", "--log-frequency", "2"]
 IMPALA_FAMILY = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
@@ -151,7 +149,7 @@ def test_saturated_flags_a_sigmoid_at_its_bound_with_a_zero_meta_gradient():
 )
 def test_a_signal_stops_the_run_with_a_checkpoint_and_a_closed_event_file(tmp_path, script, signum):
     flags = ["--num-envs", "4", "--num-steps", "5", "--log-frequency", "2"] if script == "mix_metagrad" else CARTPOLE
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = script_env(PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--total-timesteps", "100000000"],
         cwd=tmp_path,
@@ -201,15 +199,12 @@ def test_an_actor_that_fails_or_hangs_stops_the_run_with_one_line_of_cause_first
         "def make_vec_env(num_envs, seed):\n"
         "    return Crashing(num_envs=num_envs, seed=seed)\n"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "qr_impala.py"), "--env-id", "crash_jax", "--local-num-envs", "4"]
-        + ["--num-steps", "4", "--total-timesteps", "100000", "--num-actor-threads", "1", *timeout],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        tmp_path,
+        *["--env-id", "crash_jax", "--local-num-envs", "4", "--num-steps", "4", "--total-timesteps", "100000"],
+        *["--num-actor-threads", "1", *timeout],
         timeout=300,
+        PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
     )
     assert result.returncode == 1
     first = [line for line in result.stderr.splitlines() if "Warn" not in line and "warn(" not in line][0]
@@ -268,8 +263,9 @@ def test_the_siblings_check_their_flags_too(tmp_path, monkeypatch, script):
     (tmp_path / "runs").write_text("a file where the run directory should be")
     cases = [(["--meta-learning-rate", "0"], "--meta-learning-rate"), ([], "is not a writable directory")]
     cases += [(["--huber-kappa", "-0.5"], "--huber-kappa")] if script == "drmg" else []
+    env_id = "snake_jax" if script == "mix_metagrad" else "CartPole-v1"  # mix_metagrad runs on snake_jax only
     for flags, message in cases:
-        assert message in refusal(tmp_path, monkeypatch, script, *flags, "--env-id", "CartPole-v1")
+        assert message in refusal(tmp_path, monkeypatch, script, *flags, "--env-id", env_id)
     assert os.listdir(tmp_path) == ["runs"]
 
 
@@ -280,22 +276,15 @@ TRACKED = ["qr_impala", "drmg", "mg", "stacx", "mix_metagrad", "mrp_metagrad"]
 @pytest.mark.skipif(WANDB, reason="wandb is installed: test_track_logs_to_wandb_offline checks --track")
 @pytest.mark.parametrize("script", TRACKED)
 def test_track_without_wandb_says_how_to_install_it(tmp_path, monkeypatch, script):
-    flags = ["--track"] + (["--env-id", "CartPole-v1"] if script != "mrp_metagrad" else [])
+    flags = ["--track"] + (["--env-id", "CartPole-v1"] if script not in ("mrp_metagrad", "mix_metagrad") else [])
     assert refusal(tmp_path, monkeypatch, script, *flags) == "--track needs Weights & Biases: pip install wandb"
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.skipif(not WANDB, reason="wandb is not installed: test_track_without_wandb_says_how_to_install_it")
 def test_track_logs_to_wandb_offline(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "drmg.py"), *CARTPOLE, "--total-timesteps", "128", "--track"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    flags = [*CARTPOLE, "--total-timesteps", "128", "--track"]
+    result = run_script(tmp_path, *flags, script="drmg.py", timeout=600, WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*"))
     assert glob.glob(os.path.join(run, "*.wandb"))
@@ -321,7 +310,7 @@ def free_port():
 def test_two_processes_train_the_same_parameters_and_only_process_0_writes(tmp_path):
     flags = [*CARTPOLE, "--total-timesteps", "512", "--distributed", "--num-processes", "2"]
     flags += ["--coordinator-address", f"127.0.0.1:{free_port()}"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = script_env()
     command = [sys.executable, os.path.join(ROOT, "drmg.py"), *flags, "--process-id"]
     processes = [
         subprocess.Popen(command + [str(i)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

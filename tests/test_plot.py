@@ -2,14 +2,11 @@
 
 import csv
 import os
-import sys
 
 import numpy as np
+import plot
 import pytest
 from tensorboardX import SummaryWriter
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
-import plot  # noqa: E402
 
 
 def write_run(path, returns, gammas=None):

@@ -1,79 +1,21 @@
 """qr_impala's distributional v-trace (eq. 9-10), A_Z (eq. 11) and quantile Huber loss (eq. 1-3) against rlax and loops."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import rlax
+from helpers import B, check_no_return_crosses_an_episode_boundary, make_unroll, vtrace_oracle_batch
 
 from qr_impala import distributional_vtrace, quantile_huber_loss
 
-T, B, N = 9, 4, 3
-
-
-def make_unroll(seed):
-    """Random unroll with terminations, truncations, the reset steps that follow them, and ratios far from 1."""
-    rng = np.random.default_rng(seed)
-    terminations = rng.random((T, B)) < 0.15
-    truncations = (rng.random((T, B)) < 0.1) & ~terminations
-    resets = np.zeros((T, B), dtype=bool)
-    resets[1:] = terminations[:-1] | truncations[:-1]
-    terminations &= ~resets
-    truncations &= ~resets
-    return dict(
-        quantiles=np.sort(rng.normal(size=(T, B, N)), axis=-1).astype(np.float32),
-        bootstrap_quantiles=np.sort(rng.normal(size=(B, N)), axis=-1).astype(np.float32),
-        rewards=rng.normal(size=(T, B)).astype(np.float32),
-        discounts=((1 - terminations) * (1 - resets)).astype(np.float32),
-        trace_masks=(1 - truncations).astype(np.float32),
-        log_rhos=rng.normal(scale=1.5, size=(T, B)).astype(np.float32),  # ratios from ~0.05 to ~20
-        gamma=np.array([0.9, 0.97, 0.5], dtype=np.float32)[:N],
-    )
-
-
-def loop_reference(u, lambda_, alpha, rho_bar, c_bar, pg_rho_bar):
-    """Eq. 10 as written (IMPALA's placement of rho and c), one quantile column at a time, with explicit products."""
-    returns = np.zeros((T, B, N))
-    advantages = np.zeros((T, B))
-    is_ratio = np.exp(u["log_rhos"].astype(np.float64))
-    for b, q in itertools.product(range(B), range(N)):
-        z = np.append(u["quantiles"][:, b, q], u["bootstrap_quantiles"][b, q]).astype(np.float64)
-        gam = u["gamma"][q] * u["discounts"][:, b]
-        rho = alpha * np.minimum(rho_bar, is_ratio[:, b]) + (1 - alpha) * is_ratio[:, b]
-        lam = lambda_[q] * u["trace_masks"][:, b]
-        c = lam * (alpha * np.minimum(c_bar, is_ratio[:, b]) + (1 - alpha) * is_ratio[:, b])
-        for s in range(T):
-            total = z[s]
-            for t in range(s, T):
-                trace = np.prod([gam[i] * c[i] for i in range(s, t)]) if t > s else 1.0
-                total += trace * rho[t] * (u["rewards"][t, b] + gam[t] * z[t + 1] - z[t])
-            returns[s, b, q] = total
-    for b, s in itertools.product(range(B), range(T)):
-        lam = lambda_ * u["trace_masks"][s, b]
-        next_returns = returns[s + 1, b] if s + 1 < T else u["bootstrap_quantiles"][b]
-        next_z = u["quantiles"][s + 1, b] if s + 1 < T else u["bootstrap_quantiles"][b]
-        q_estimate = u["rewards"][s, b] + u["gamma"] * u["discounts"][s, b] * (lam * next_returns + (1 - lam) * next_z)
-        advantages[s, b] = min(pg_rho_bar, is_ratio[s, b]) * np.mean(q_estimate - u["quantiles"][s, b])
-    return returns, advantages
+N = 3
+GAMMA = np.array([0.9, 0.97, 0.5], dtype=np.float32)
 
 
 def run(u, lambda_, alpha, rho_bar=1.0, c_bar=1.0, pg_rho_bar=1.0):
-    return distributional_vtrace(
-        u["quantiles"],
-        u["bootstrap_quantiles"],
-        u["rewards"],
-        u["discounts"],
-        u["trace_masks"],
-        u["log_rhos"],
-        jnp.asarray(u["gamma"]),
-        jnp.asarray(lambda_),
-        alpha,
-        rho_bar,
-        c_bar,
-        pg_rho_bar,
-    )
+    keys = ["values", "bootstrap_value", "rewards", "discounts", "trace_masks", "log_rhos"]
+    return distributional_vtrace(*(u[k] for k in keys), GAMMA, jnp.asarray(lambda_), alpha, rho_bar, c_bar, pg_rho_bar)
 
 
 LAMBDAS = {"0": [0.0, 0.0, 0.0], "0.5": [0.5, 0.5, 0.5], "1": [1.0, 1.0, 1.0], "per-quantile": [1.0, 0.5, 0.0]}
@@ -83,7 +25,7 @@ LAMBDAS = {"0": [0.0, 0.0, 0.0], "0.5": [0.5, 0.5, 0.5], "1": [1.0, 1.0, 1.0], "
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_distributional_vtrace_equals_rlax_per_quantile_column(lambda_name, alpha, seed):
-    u = make_unroll(seed)
+    u = make_unroll(seed, N)
     lambda_ = np.array(LAMBDAS[lambda_name], dtype=np.float32)
     returns, advantages = run(u, lambda_, alpha, rho_bar=1.0)
     is_ratio = np.exp(u["log_rhos"])
@@ -91,9 +33,9 @@ def test_distributional_vtrace_equals_rlax_per_quantile_column(lambda_name, alph
     for b in range(B):
         expected_advantage = 0.0
         for q in range(N):
-            v_tm1 = u["quantiles"][:, b, q]
-            v_t = np.append(v_tm1[1:], u["bootstrap_quantiles"][b, q])
-            args = (v_tm1, v_t, u["rewards"][:, b], u["gamma"][q] * u["discounts"][:, b], is_ratio[:, b])
+            v_tm1 = u["values"][:, b, q]
+            v_t = np.append(v_tm1[1:], u["bootstrap_value"][b, q])
+            args = (v_tm1, v_t, u["rewards"][:, b], GAMMA[q] * u["discounts"][:, b], is_ratio[:, b])
             lam_t = lambda_[q] * u["trace_masks"][:, b]
             if alpha == 1.0:
                 out = rlax.vtrace_td_error_and_advantage(*args, lambda_=lam_t, stop_target_gradients=False)
@@ -109,34 +51,20 @@ def test_distributional_vtrace_equals_rlax_per_quantile_column(lambda_name, alph
 @pytest.mark.parametrize("lambda_name", list(LAMBDAS))
 @pytest.mark.parametrize("alpha,rho_bar,c_bar,pg_rho_bar", [(1.0, 1.0, 1.0, 1.0), (0.7, 2.0, 0.8, 1.5)])
 def test_distributional_vtrace_equals_plain_loop_of_eq_10(lambda_name, alpha, rho_bar, c_bar, pg_rho_bar):
-    u = make_unroll(2)
+    u = make_unroll(2, N)
     lambda_ = np.array(LAMBDAS[lambda_name], dtype=np.float32)
     returns, advantages = run(u, lambda_, alpha, rho_bar, c_bar, pg_rho_bar)
-    expected_returns, expected_advantages = loop_reference(u, lambda_, alpha, rho_bar, c_bar, pg_rho_bar)
+    options = dict(rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar, alpha_rho=alpha, alpha_pg=1.0)  # A_Z: eq. 11
+    expected_returns, expected_advantages = vtrace_oracle_batch(u, GAMMA, lambda_, **options)
     np.testing.assert_allclose(returns, expected_returns, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(advantages, expected_advantages, rtol=1e-4, atol=1e-4)
+    if alpha < 1:  # the check can tell A_Z's clipped ratio from a leaky one
+        leaky_advantages = vtrace_oracle_batch(u, GAMMA, lambda_, **dict(options, alpha_pg=alpha))[1]
+        assert not np.allclose(advantages, leaky_advantages, rtol=1e-4, atol=1e-4)
 
 
 def test_no_return_crosses_an_episode_boundary():
-    u = make_unroll(3)
-    u["discounts"][:] = 1.0
-    u["trace_masks"][:] = 1.0
-    u["discounts"][3, 0] = 0.0  # env 0 terminates at step 3
-    u["trace_masks"][5, 1] = 0.0  # env 1 is truncated at step 5: bootstraps from Z(S_6), traces stop
-    lambda_ = np.ones(N, dtype=np.float32)
-    returns, advantages = run(u, lambda_, 1.0)
-    changed = {k: v.copy() for k, v in u.items()}
-    changed["rewards"][4:, 0] += 10.0
-    changed["rewards"][6:, 1] += 10.0
-    changed["quantiles"][7:, 1] += 10.0  # beyond S_6: must not matter either
-    changed_returns, changed_advantages = run(changed, lambda_, 1.0)
-    np.testing.assert_allclose(changed_returns[:4, 0], returns[:4, 0], rtol=1e-6)
-    np.testing.assert_allclose(changed_returns[:6, 1], returns[:6, 1], rtol=1e-6)
-    np.testing.assert_allclose(changed_advantages[:4, 0], advantages[:4, 0], rtol=1e-6)
-    np.testing.assert_allclose(changed_advantages[:6, 1], advantages[:6, 1], rtol=1e-6)
-    # ... while an unbroken env sees the change, and the truncated step still bootstraps from Z(S_6).
-    changed["quantiles"][6, 1] += 1.0
-    assert not np.allclose(run(changed, lambda_, 1.0)[0][5, 1], returns[5, 1])
+    check_no_return_crosses_an_episode_boundary(lambda u: run(u, np.ones(N, dtype=np.float32), 1.0), num_quantiles=N)
 
 
 def central_difference(f, x, eps=1e-3):
@@ -150,12 +78,12 @@ def central_difference(f, x, eps=1e-3):
 
 
 def test_gradients_flow_to_gamma_lambda_alpha_and_not_to_values_or_ratios():
-    u = make_unroll(4)
+    u = make_unroll(4, N)
 
     def total(gamma, lambda_, alpha, quantiles, log_rhos):
         returns, advantages = distributional_vtrace(
             quantiles,
-            u["bootstrap_quantiles"],
+            u["bootstrap_value"],
             u["rewards"],
             u["discounts"],
             u["trace_masks"],
@@ -167,10 +95,10 @@ def test_gradients_flow_to_gamma_lambda_alpha_and_not_to_values_or_ratios():
         return jnp.sum(returns) + jnp.sum(advantages)
 
     inputs = [
-        jnp.asarray(u["gamma"]),
+        jnp.asarray(GAMMA),
         jnp.full((N,), 0.8),
         jnp.asarray(0.7),
-        jnp.asarray(u["quantiles"]),
+        jnp.asarray(u["values"]),
         jnp.asarray(u["log_rhos"]),
     ]
     grads = jax.grad(total, argnums=(0, 1, 2, 3, 4))(*inputs)

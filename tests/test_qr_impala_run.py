@@ -2,8 +2,6 @@
 
 import glob
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,32 +9,10 @@ import numpy as np
 import optax
 import pytest
 from flax.training.train_state import TrainState
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import learn_cartpole, learner_step_on, make_rollout, only_run_dir, run_script, scalars
 
 import qr_impala
-from qr_impala import AgentNetwork, Args, evaluate, hyperparameters, impala_loss, load_model, make_learner_step
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(cwd, *flags, script="qr_impala.py", xla_devices=1):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={xla_devices}", JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-
-
-def scalars(run_dir):
-    accumulator = EventAccumulator(run_dir)
-    accumulator.Reload()
-    return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-
-
-def only_run_dir(cwd):
-    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
-    return run_dir
+from qr_impala import AgentNetwork, Args, evaluate, hyperparameters, impala_loss, load_model
 
 
 @pytest.mark.parametrize(
@@ -102,22 +78,6 @@ def test_two_learner_devices_end_to_end(tmp_path):
     assert "learner devices [CpuDevice(id=0), CpuDevice(id=1)]" in result.stdout
 
 
-def make_rollout(module, num_steps=6, num_envs=8, num_actions=3, obs_dim=5, seed=0, dtype=np.float32):
-    """A random unroll of `module.Rollout` with a termination, the reset step after it, truncations, ratios far from 1."""
-    rng = np.random.default_rng(seed)
-    resets = np.zeros((num_steps, num_envs))
-    resets[3, [1, num_envs - 2]] = 1.0
-    return module.Rollout(
-        obs=rng.normal(size=(num_steps + 1, num_envs, obs_dim)).astype(dtype),
-        actions=rng.integers(0, num_actions, size=(num_steps, num_envs)).astype(np.int32),
-        behaviour_logits=rng.normal(size=(num_steps, num_envs, num_actions)).astype(dtype),
-        rewards=rng.normal(scale=2.0, size=(num_steps, num_envs)).astype(dtype),
-        terminations=np.roll(resets, -1, axis=0).astype(dtype),
-        truncations=np.eye(num_steps, num_envs, k=-2).astype(dtype),  # env 0 is truncated at step 2
-        resets=resets.astype(dtype),
-    )
-
-
 def test_two_device_gradient_equals_single_device_gradient():
     assert len(jax.devices()) >= 2, "tests/conftest.py asks XLA for two host devices"
     num_actions = 3
@@ -129,10 +89,7 @@ def test_two_device_gradient_equals_single_device_gradient():
     state = TrainState.create(apply_fn=network.apply, params=params, tx=optax.sgd(1.0))
 
     def gradient_on(devices):
-        mesh = Mesh(np.array(devices), ("learner",))
-        new_state, metrics = make_learner_step(args, mesh)(
-            jax.device_put(state, NamedSharding(mesh, P())), jax.device_put(rollout, NamedSharding(mesh, P(None, "learner")))
-        )
+        new_state, metrics = learner_step_on(qr_impala, devices, args, state, rollout)
         return jax.tree.map(lambda new, old: np.asarray(old) - np.asarray(new), new_state.params, params), metrics
 
     one_device, metrics_one = gradient_on(jax.devices()[:1])
@@ -147,12 +104,6 @@ def test_two_device_gradient_equals_single_device_gradient():
 
 
 def test_learns_cartpole(tmp_path):
-    result = run_script(
-        tmp_path,
-        *["--env-id", "CartPole-v1", "--seed", "1", "--total-timesteps", "150000"],
-        *["--local-num-envs", "4", "--num-steps", "16", "--learning-rate", "2e-3", "--log-frequency", "200"],
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    returns = scalars(only_run_dir(tmp_path))["charts/avg_episodic_return_last100"]
-    assert returns[0] < 40  # a random policy balances for about 20 steps
+    logged, _ = learn_cartpole(tmp_path, "qr_impala.py", 150000, "2e-3", log_frequency=200)
+    returns = logged["charts/avg_episodic_return_last100"]
     assert returns[-1] >= 150, returns[-10:]

@@ -13,14 +13,23 @@ import optax
 import pytest
 import rlax
 from flax.training.train_state import TrainState
-from test_drmg import assert_same_step, meta_step_on
-from test_mg import B, loop_reference, make_unroll
-from test_qr_impala_run import make_rollout as make_random_rollout
-from test_qr_impala_run import only_run_dir, run_script, scalars
+from helpers import (
+    NUM_ACTIONS,
+    B,
+    check_no_return_crosses_an_episode_boundary,
+    check_two_devices_give_the_single_device_meta_step,
+    learn_cartpole,
+    make_small_rollout,
+    make_states,
+    make_unroll,
+    run_script,
+    smoke_run,
+    vtrace_oracle_batch,
+)
 
 import stacx
 
-NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, NUM_HEADS = 5, 4, 3, 3, 3
+NUM_HEADS = 3
 
 
 def run(u, gamma, lambda_, alpha_rho, alpha_c, rho_bar=1.0, c_bar=1.0, pg_rho_bar=1.0):
@@ -54,9 +63,14 @@ def test_leaky_vtrace_equals_rlax_when_alpha_rho_equals_alpha_c(lambda_, alpha, 
 def test_leaky_vtrace_equals_plain_loop_with_different_alphas(lambda_, alpha_rho, alpha_c, rho_bar, c_bar, pg_rho_bar):
     u = make_unroll(2)
     returns, advantages = run(u, 0.9, lambda_, alpha_rho, alpha_c, rho_bar, c_bar, pg_rho_bar)
-    expected_returns, expected_advantages = loop_reference(u, 0.9, lambda_, rho_bar, c_bar, pg_rho_bar, alpha_rho, alpha_c)
+    options = dict(rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar, alpha_rho=alpha_rho, alpha_c=alpha_c)
+    expected_returns, expected_advantages = vtrace_oracle_batch(u, 0.9, lambda_, **options)
     np.testing.assert_allclose(returns, expected_returns, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(advantages, expected_advantages, rtol=1e-4, atol=1e-4)
+
+
+def test_no_return_crosses_an_episode_boundary():
+    check_no_return_crosses_an_episode_boundary(lambda u: run(u, 0.99, 1.0, 0.9, 0.5))
 
 
 def test_alpha_c_is_kept_at_most_alpha_rho():
@@ -85,21 +99,6 @@ def test_kl_divergence_equals_a_direct_sum():
     )
 
 
-def make_rollout(seed=0, dtype=np.float32):
-    return make_random_rollout(stacx, NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, seed, dtype)
-
-
-def make_states(args, rollout, seed=0):
-    network = stacx.AgentNetwork(NUM_ACTIONS, args.num_heads)
-    params = network.init(jax.random.PRNGKey(seed), rollout.obs[0])
-    params = jax.tree.map(lambda x: x.astype(rollout.obs.dtype), params)  # flax initialises float32 even under x64
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.rmsprop(args.learning_rate, decay=0.99, eps=0.01))
-    agent_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-    # One real step first, so that RMSProp's second-moment estimate is not all zeros.
-    grads = jax.grad(lambda p: jnp.sum(network.apply(p, rollout.obs[0])[1] ** 2))(params)
-    return agent_state.apply_gradients(grads=grads)
-
-
 @pytest.mark.parametrize("two_halves", [False, True], ids=["same batch", "two halves"])
 def test_meta_gradient_equals_central_finite_differences_in_float64(two_halves):
     """d L_out / d eta = (dL_out/dtheta') (dtheta'/d eta), where dL_out/dtheta' is the outer loss's usual gradient
@@ -107,9 +106,9 @@ def test_meta_gradient_equals_central_finite_differences_in_float64(two_halves):
     eta)) (Xu et al. eq. 1-2). The oracle differentiates theta'(eta) by central differences."""
     with jax.enable_x64(True):
         args = stacx.Args(num_heads=NUM_HEADS, learning_rate=0.05, two_halves=two_halves, ent_coef=0.3)
-        rollout = jax.tree.map(jnp.asarray, make_rollout(dtype=np.float64))
+        rollout = jax.tree.map(jnp.asarray, make_small_rollout(stacx, dtype=np.float64))
         inner, outer = stacx.split_halves(rollout) if two_halves else (rollout, rollout)
-        agent_state = make_states(args, rollout)
+        agent_state = make_states(stacx, args, rollout)
         # Spread the logits so that no alpha_c sits on the alpha_rho bound, and every entry differs.
         initial = dict(gamma=0.9, lambda_=0.7, g_v=0.8, g_p=0.6, g_e=0.7, alpha_rho=0.9, alpha_c=0.5)
         meta_params = {
@@ -181,11 +180,11 @@ def test_auxiliary_heads_never_choose_actions(tmp_path):
 
 
 def test_num_heads_one_has_no_auxiliary_heads_and_aux_heads_shape_the_torso():
-    rollout = jax.tree.map(jnp.asarray, make_rollout())
+    rollout = jax.tree.map(jnp.asarray, make_small_rollout(stacx))
     grads = {}
     for heads in [1, 3]:
         args = stacx.Args(num_heads=heads)
-        state = make_states(stacx.Args(num_heads=3), rollout)  # the same params; num_heads=1 ignores heads 1 and 2
+        state = make_states(stacx, stacx.Args(num_heads=3), rollout)  # the same params; num_heads=1 ignores heads 1 and 2
         eta = stacx.hyperparameters(stacx.init_meta_params(args), args)
         loss = lambda p: stacx.impala_loss(p, state.apply_fn, rollout, eta, args, heads)[0]  # noqa: E731
         grads[heads] = jax.jit(jax.grad(loss))(state.params)["params"]
@@ -197,9 +196,9 @@ def test_num_heads_one_has_no_auxiliary_heads_and_aux_heads_shape_the_torso():
 
 def test_meta_learn_none_is_one_step_on_the_whole_batch():
     args = stacx.Args(meta_learn="none", num_heads=NUM_HEADS, learning_rate=0.01)
-    rollout = jax.tree.map(jnp.asarray, make_rollout())
-    agent_state = make_states(args, rollout)
-    meta_state = TrainState.create(apply_fn=None, params=stacx.init_meta_params(args), tx=optax.adam(1e-3))
+    rollout = jax.tree.map(jnp.asarray, make_small_rollout(stacx))
+    agent_state = make_states(stacx, args, rollout)
+    meta_state = TrainState.create(apply_fn=None, params=stacx.init_meta_params(args), tx=stacx.make_meta_optimizer(args))
     step = jax.jit(lambda a, m, r: stacx.learner_step(a, m, r, args, axis_name=None))
     new_state, new_meta_state, metrics = step(agent_state, meta_state, rollout)
     eta = stacx.hyperparameters(meta_state.params, args)
@@ -210,27 +209,15 @@ def test_meta_learn_none_is_one_step_on_the_whole_batch():
 
 
 def test_two_device_meta_step_equals_single_device_meta_step():
-    args = stacx.Args(num_heads=NUM_HEADS)
-    rollout = make_rollout()
-    agent_state = make_states(args, jax.tree.map(jnp.asarray, rollout))
-    meta_state = TrainState.create(apply_fn=None, params=stacx.init_meta_params(args), tx=optax.sgd(1.0))
     # Same batch for inner and outer: theta' comes from the gradient averaged over the shards, and the mean of the
     # shards' outer losses is the whole batch's, so two devices must give the single device's meta step exactly.
-    one = meta_step_on(stacx, jax.devices()[:1], args, agent_state, meta_state, rollout)
-    assert_same_step(one, meta_step_on(stacx, jax.devices()[:2], args, agent_state, meta_state, rollout))
+    check_two_devices_give_the_single_device_meta_step(stacx, stacx.Args(num_heads=NUM_HEADS), halves=False)
 
 
 def test_learns_cartpole_and_every_head_meta_parameter_is_logged(tmp_path):
-    result = run_script(
-        tmp_path,
-        *["--env-id", "CartPole-v1", "--seed", "1", "--total-timesteps", "150000", "--save-model", "--eval-episodes", "3"],
-        *["--local-num-envs", "4", "--num-steps", "16", "--learning-rate", "1e-3", "--log-frequency", "100"],
-        script="stacx.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(only_run_dir(tmp_path))
+    logged, _ = learn_cartpole(tmp_path, "stacx.py", 150000, "1e-3", "--save-model", "--eval-episodes", "3")
     returns = logged["charts/avg_episodic_return_last100"]
-    assert returns[0] < 40 and returns[-1] >= 150, returns[-10:]
+    assert returns[-1] >= 150, returns[-10:]
     names = ["gamma", "lambda", "g_v", "g_p", "g_e", "alpha_rho", "alpha_c"]
     assert {f"meta/head{k}/{n}" for k in range(3) for n in names} <= set(logged)
     for tag in [t for t in logged if t.startswith("meta/head")]:
@@ -244,15 +231,8 @@ def test_learns_cartpole_and_every_head_meta_parameter_is_logged(tmp_path):
     [("Breakout-v5", []), ("CartPole-v1", ["--two-halves", "--num-heads", "1"]), ("CartPole-v1", ["--meta-learn", "none"])],
 )
 def test_smoke_run(tmp_path, env_id, variant):
-    result = run_script(
-        tmp_path,
-        *["--env-id", env_id, "--total-timesteps", "32", "--local-num-envs", "2", "--num-actor-threads", "1"],
-        *["--num-steps", "8", "--log-frequency", "1", *variant],
-        script="stacx.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(only_run_dir(tmp_path))
-    assert np.isfinite(logged["losses/loss"]).all() and "meta/head0/gamma" in logged
+    logged = smoke_run(tmp_path, "stacx.py", env_id, *variant)
+    assert "meta/head0/gamma" in logged
     assert ("meta/head1/gamma" in logged) == ("--num-heads" not in variant)
     assert ("meta/grad_norm" in logged) == ("none" not in variant)
 
