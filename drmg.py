@@ -11,6 +11,7 @@ batch with reference eta' (eq. 14), Adam on eta's logits; twice per learner step
     python drmg.py --env-id Breakout-v5 --meta-learn none     # QR = DrMG({})
     python drmg.py --env-id Breakout-v5 --scalar-eta          # DrMG(eta-bar): one gamma, lambda, w_Z for all quantiles
     python drmg.py --env-id Breakout-v5 --n-step 3            # DrMG+3-step
+    python drmg.py --env-id Breakout-v5 --bmg-steps 3         # DrMG + BMG: match a target 3 steps past theta'
 """
 
 import atexit
@@ -143,6 +144,10 @@ class Args:
     """Adam learning rate of the meta-parameter logits (paper: not given; our choice)"""
     meta_grad_clip: float = 0.1
     """clip the meta-gradient to this global norm (paper: not given; our choice)"""
+    bmg_steps: int = 0
+    """BMG (§5.3 iv): 0: the outer loss of eq. 14; L >= 1: match a target L steps past theta' (L - 1 inner, 1 outer)"""
+    bmg_value_coef: float = 0.0
+    """BMG: weight of the critic term of the matching loss, quantile Huber of Z_theta' to sg(Z_target) (our choice)"""
 
     # Devices
     actor_device_ids: List[int] = field(default_factory=lambda: [0])
@@ -236,6 +241,10 @@ def check_args(args: Args):
         raise SystemExit("--rmsprop-decay must lie in [0, 1)")
     if not all(0 < x < np.inf for x in (args.meta_learning_rate, args.meta_grad_clip)):
         raise SystemExit("--meta-learning-rate and --meta-grad-clip must be positive and finite")
+    if args.bmg_steps < 0 or not 0 <= args.bmg_value_coef < np.inf:
+        raise SystemExit("--bmg-steps must be >= 0 and --bmg-value-coef >= 0 and finite")
+    if (args.bmg_steps or args.bmg_value_coef) and (args.meta_learn == "none" or not args.bmg_steps):
+        raise SystemExit("--bmg-steps and --bmg-value-coef need meta-learning: --bmg-steps >= 1, not --meta-learn none")
     for name in ("actor_device_ids", "learner_device_ids"):
         ids = getattr(args, name)
         if not ids or min(ids) < 0 or len(set(ids)) < len(ids):
@@ -575,12 +584,53 @@ def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args, n_step: int
     return loss, dict(loss=loss, value_loss=value_loss, policy_loss=policy_loss, entropy=entropy)
 
 
+def bootstrapped_target(params_prime, opt_state, meta_params, agent_state: TrainState, outer: Rollout, args: Args, axis_name):
+    """BMG's target bootstrap theta~ (§3 of Flennerhag, Schroecker, Zahavy, van Hasselt, Silver, Singh, "Bootstrapped
+    Meta-Learning", ICLR 2022, https://arxiv.org/abs/2109.04504): L = --bmg-steps more steps from theta' under
+    stop_gradient, the first L - 1 with the inner loss and eta, the last with the outer loss of eq. 14 and eta'.
+
+    Our choices (the papers are silent): every step uses the outer batch tau' and --chunk-envs, and the optimiser
+    continues from `opt_state`, RMSProp's state after the step to theta'. Returns (theta~, metrics of the last loss).
+    """
+    params, opt_state, meta_params = jax.lax.stop_gradient((params_prime, opt_state, meta_params))
+
+    def step_grads(params, eta, n_step, chunk):
+        return jax.grad(impala_loss, has_aux=True)(params, agent_state.apply_fn, chunk, eta, args, n_step)
+
+    for step in range(args.bmg_steps):
+        last = step == args.bmg_steps - 1
+        eta = reference_hyperparameters(args) if last else hyperparameters(meta_params, args)
+        grads, metrics = chunk_mean(partial(step_grads, params, eta, 0 if last else args.n_step), outer, args.chunk_envs)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)  # theta~ is the same on every learner device
+        updates, opt_state = agent_state.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, metrics
+
+
+def bmg_matching_loss(params_prime, target_params, apply_fn, rollout: Rollout, args: Args):
+    """BMG's matching function mu(theta~, theta') on the T x B states of a batch: KL(pi_theta~ || pi_theta') (policy
+    matching) + --bmg-value-coef x the quantile Huber loss (eq. 2-3) of Z_theta' towards sg(Z_theta~), averaged over the
+    quantiles. Its gradient reaches theta' only."""
+    obs = rollout.obs[:-1].reshape((-1,) + rollout.obs.shape[2:])
+    logits, quantiles = apply_fn(params_prime, obs)
+    target_logits, target_quantiles = jax.lax.stop_gradient(apply_fn(target_params, obs))
+    target_log_pi = jax.nn.log_softmax(target_logits)
+    kl = jnp.sum(jnp.exp(target_log_pi) * (target_log_pi - jax.nn.log_softmax(logits)), axis=-1)
+    value_matching = jnp.mean(quantile_huber_loss(quantiles, target_quantiles, args.huber_kappa), axis=-1)
+    valid = 1.0 - rollout.resets.reshape(-1)  # as in impala_loss: means over all T x B entries, reset steps as zeros
+    kl, value_matching = jnp.mean(valid * kl), jnp.mean(valid * value_matching)
+    loss = kl + args.bmg_value_coef * value_matching
+    return loss, dict(bmg_matching_loss=loss, bmg_kl=kl, bmg_value_matching=value_matching)
+
+
 def meta_gradient(meta_params, agent_state: TrainState, inner: Rollout, outer: Rollout, args: Args, axis_name: Optional[str]):
     """d L_out(tau', theta', eta') / d eta after one inner step theta' = theta + update(grad L_in(tau, theta, eta)) (eq. 12-14).
 
     The chain rule in three passes over the env chunks (--chunk-envs): the inner gradient g; the outer gradient at theta',
     pulled back through the update to v = (d theta' / d g)^T grad L_out(theta'); then d <v, grad L_in(tau, theta, eta)> / d eta.
-    Also returns the inner gradient, so that the real update of theta uses the very same one.
+    Also returns the inner gradient, so that the real update of theta uses the very same one. With --bmg-steps L >= 1
+    (BMG), grad mu(theta~, theta') of `bmg_matching_loss` replaces grad L_out(theta'), theta~ from `bootstrapped_target`.
     """
 
     def inner_grads(meta_params, chunk):
@@ -599,7 +649,21 @@ def meta_gradient(meta_params, agent_state: TrainState, inner: Rollout, outer: R
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)  # theta' is the same on every learner device
     params_prime, inner_step_vjp = jax.vjp(inner_step, grads)
-    grads_prime, outer_metrics = chunk_mean(partial(outer_grads, params_prime), outer, args.chunk_envs)
+    if args.bmg_steps:  # BMG: grad mu(theta~, theta') at theta', theta~ held fixed, replaces grad L_out(theta')
+        _, opt_state = agent_state.tx.update(grads, agent_state.opt_state, agent_state.params)
+        target_params, outer_metrics = bootstrapped_target(
+            params_prime, opt_state, meta_params, agent_state, outer, args, axis_name
+        )
+        grads_prime, bmg_metrics = chunk_mean(
+            lambda chunk: jax.grad(bmg_matching_loss, has_aux=True)(
+                params_prime, target_params, agent_state.apply_fn, chunk, args
+            ),
+            outer,
+            args.chunk_envs,
+        )
+        metrics = dict(metrics, **bmg_metrics)
+    else:
+        grads_prime, outer_metrics = chunk_mean(partial(outer_grads, params_prime), outer, args.chunk_envs)
     if axis_name is not None:
         grads_prime = jax.lax.pmean(grads_prime, axis_name)  # the outer gradient of the whole outer batch
     (v,) = inner_step_vjp(grads_prime)

@@ -26,6 +26,8 @@ Before running, the script checks that the agents it launches share their initia
 Run (matplotlib, from requirements.txt, is imported only for the plot):
     nice -n 10 python benchmark/two_colors.py --seeds 1 2 3          # runs what is missing, then tables and plot
     python benchmark/two_colors.py --no-run                          # tables and plot from the runs already there
+    nice -n 10 python benchmark/two_colors.py --algorithms drmg drmg_bmg qr --seeds 1 2 3 4 5 --jobs 2 \
+        --out-dir benchmark/results/two_colors_bmg                 # DrMG + BMG (docs/drmg_bmg.md), its own results
 """
 
 import csv
@@ -45,12 +47,15 @@ import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LABELS = {"drmg": "DrMG", "mg": "MG", "qr": "QR"}
+LABELS = {"drmg": "DrMG", "mg": "MG", "qr": "QR", "drmg_bmg": "DrMG + BMG (L=3)", "drmg_bmg1": "DrMG + BMG (L=1)"}
 # agent: (script, its own flags). MG's fixed loss weights are DrMG's initial ones, weight_init 0.99 times w'.
 AGENTS = {
     "drmg": ("drmg", []),
     "mg": ("mg", ["--value-coef", "0.495", "--policy-coef", "0.99", "--ent-coef", "0.0099"]),
     "qr": ("drmg", ["--meta-learn", "none"]),
+    # DrMG + BMG (docs/drmg_bmg.md): its outer loss is a KL to a target bootstrapped L steps past theta'.
+    "drmg_bmg": ("drmg", ["--bmg-steps", "3"]),
+    "drmg_bmg1": ("drmg", ["--bmg-steps", "1"]),
 }
 
 
@@ -195,6 +200,28 @@ def run_missing(args: Args):
                 )
 
 
+def eta_movement(work_dir: str, args: Args) -> dict:
+    """How fast eta moves in a run, from its meta/ scalars (sigmoids): for gamma, lambda, alpha and the loss weights
+    (each divided by its initial value), the path length sum |change| per 1e5 steps and the distance |final - initial|,
+    averaged over a vector's per-quantile entries; empty for a run that meta-learns nothing."""
+    logs = sorted(glob.glob(os.path.join(work_dir, "runs", "*")), key=os.path.getmtime)
+    if not logs:
+        return {}
+    accumulator = EventAccumulator(logs[-1], size_guidance={"scalars": 0})
+    accumulator.Reload()
+    groups = {}
+    for tag in accumulator.Tags()["scalars"]:
+        parts = tag.split("/")
+        if parts[0] == "meta" and parts[1] != "grad_norm":
+            groups.setdefault(parts[1], []).append(np.array([e.value for e in accumulator.Scalars(tag)]))
+    row = {}
+    for name, curves in groups.items():
+        curves = np.stack([c / c[0] if name.startswith("w_") else c for c in curves])
+        row[f"{name}_path"] = np.mean(np.sum(np.abs(np.diff(curves, axis=1)), axis=1)) * 100_000 / args.total_timesteps
+        row[f"{name}_moved"] = np.mean(np.abs(curves[:, -1] - curves[:, 0]))
+    return row if any(row[k] != 0 for k in row if k.endswith("_path")) else {}
+
+
 def binned(steps: np.ndarray, values: np.ndarray, bin_steps: int, total: int) -> np.ndarray:
     """Mean of the values logged in each bin [k * bin_steps, (k + 1) * bin_steps); NaN where none was."""
     num_bins = total // bin_steps
@@ -282,7 +309,8 @@ def main(args: Args):
         writer.writeheader()
         writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in toggle_rows)
     print(f"toggles at steps >= {args.first_scored_toggle}: mean over toggles and seeds (± std over seeds of per-seed means)")
-    print(f"{'':16s}" + "".join(f"{name:>17s}" for name in names))
+    width = max([16] + [len(LABELS.get(a, a)) + 14 for a in curves])  # the longest "label to colour 0"
+    print(" " * width + "".join(f"{name:>17s}" for name in names))
     for algorithm in curves:
         scored = [r for r in toggle_rows if r["algorithm"] == algorithm and r["toggle"] >= args.first_scored_toggle]
         for group, rows in [("all", scored)] + [(f"to colour {c}", [r for r in scored if r["colour"] == c]) for c in (0, 1)]:
@@ -302,7 +330,16 @@ def main(args: Args):
                 cells.append(f"{np.nanmean(per_seed):8.{digits}f} ±{np.nanstd(per_seed):7.{digits}f}")
             unrecovered = sum(np.isnan(r["recovery"]) for r in rows)
             label = f"{LABELS.get(algorithm, algorithm)} {group}"
-            print(f"{label:16s}" + "".join(f"{c:>17s}" for c in cells) + f"  never recovered: {unrecovered}/{len(rows)}")
+            print(f"{label:{width}s}" + "".join(f"{c:>17s}" for c in cells) + f"  never recovered: {unrecovered}/{len(rows)}")
+    movements = {a: [eta_movement(run_dir_of(args, a, seed), args) for seed in args.seeds] for a in args.algorithms}
+    movements = {a: rows for a, rows in movements.items() if all(rows)}
+    if movements:
+        print("how fast eta moves (sigmoids, per-quantile entries averaged, loss weights relative to their initial value):")
+        print("path = sum |change| per 1e5 steps, moved = |final - initial|; mean over seeds (± std over seeds)")
+        columns = list(next(iter(movements.values()))[0])
+        for algorithm, rows in movements.items():
+            cells = [f"{k} {np.mean([r[k] for r in rows]):.5f} ±{np.std([r[k] for r in rows]):.5f}" for k in columns]
+            print(f"  {LABELS.get(algorithm, algorithm)}: " + ", ".join(cells))
     try:
         path = os.path.join(args.out_dir, "two_colors.png")
         plot(path, bins, curves, args)

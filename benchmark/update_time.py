@@ -3,11 +3,13 @@
     python benchmark/update_time.py --env-id Breakout-v5 --num-envs 128
     python benchmark/update_time.py --env-id Breakout-v5 --num-envs 64 --chunk-envs 0 16   # the memory saving's cost
     python benchmark/update_time.py --env-id Breakout-v5 --scripts mg stacx
+    python benchmark/update_time.py --env-id Breakout-v5 --num-envs 16 --scripts drmg drmg_bmg1 drmg_bmg3   # BMG's cost
 
 Every jitted learner step (one device) gets the same random batch of the environment's shapes; compilation is
 excluded and the timed calls of all scripts and settings are interleaved, so that a change in the machine's load hits
 them alike. drmg.py and mg.py differentiate through one inner RMSProp step twice (two inner/outer loops); stacx.py does
 it once on the whole batch (STAC's default) for its 3 heads. With several --chunk-envs, each script is timed at each.
+Variants (VARIANTS) are a script with flags: drmg_bmg1 and drmg_bmg3 are drmg.py --bmg-steps 1 and 3 (docs/drmg_bmg.md).
 """
 
 import time
@@ -18,6 +20,9 @@ import jax
 import numpy as np
 import tyro
 from learner_setup import MODULES, environment, learner, random_batch, script_args
+
+# variant: (script, its flags as Args fields)
+VARIANTS = {"drmg_bmg1": ("drmg", dict(bmg_steps=1)), "drmg_bmg3": ("drmg", dict(bmg_steps=3))}
 
 
 @dataclass
@@ -31,7 +36,7 @@ class Args:
     repeats: int = 5
     """timed updates of each script and setting"""
     scripts: List[str] = field(default_factory=lambda: list(MODULES))
-    """the scripts to time, in this order"""
+    """the scripts (or VARIANTS) to time, in this order"""
     chunk_envs: List[int] = field(default_factory=lambda: [16])
     """the --chunk-envs settings to time (0: the whole batch at once; 16: the scripts' default)"""
     stacx_two_halves: bool = False
@@ -40,10 +45,11 @@ class Args:
 
 def compiled_update(name: str, chunk_envs: int, args: Args, observation_space, num_actions: int):
     """The script's jitted learner step on one device and a random batch, compiled, as a function of nothing."""
+    name, flags = VARIANTS.get(name, (name, {}))
     overrides = dict(local_num_envs=args.num_envs, num_actor_threads=1, num_steps=args.num_steps, chunk_envs=chunk_envs)
     if name == "stacx":
         overrides["two_halves"] = args.stacx_two_halves
-    step, states, spec = learner(name, script_args(name, args.env_id, **overrides), observation_space, num_actions)
+    step, states, spec = learner(name, script_args(name, args.env_id, **overrides, **flags), observation_space, num_actions)
     batch = random_batch(spec, num_actions)
     jax.block_until_ready(step(*states, batch))  # compile
     return lambda: jax.block_until_ready(step(*states, batch))
@@ -66,9 +72,14 @@ if __name__ == "__main__":
         f"device {device.device_kind}, jax {jax.__version__}; {args.env_id}, batch {args.num_steps} steps x {args.num_envs} envs"
     )
     for (name, chunk_envs), seconds in times.items():
-        print(f"{name}.py --chunk-envs {chunk_envs} learner update: {seconds * 1000:.1f} ms (median of {args.repeats})")
+        script, flags = VARIANTS.get(name, (name, {}))
+        flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in flags.items())
+        print(
+            f"{script}.py{flags} --chunk-envs {chunk_envs} learner update: {seconds * 1000:.1f} ms (median of {args.repeats})"
+        )
     for chunk_envs in args.chunk_envs:
-        for a, b in [("drmg", "qr_impala"), ("mg", "qr_impala"), ("stacx", "mg"), ("drmg", "mg")]:
+        pairs = [("drmg", "qr_impala"), ("mg", "qr_impala"), ("stacx", "mg"), ("drmg", "mg")]
+        for a, b in pairs + [(variant, script) for variant, (script, _) in VARIANTS.items()]:
             if (a, chunk_envs) in times and (b, chunk_envs) in times:
                 print(f"--chunk-envs {chunk_envs}: ratio {a} / {b}: {times[a, chunk_envs] / times[b, chunk_envs]:.2f}")
     for name in args.scripts:
