@@ -1,4 +1,4 @@
-"""DrMG: Distributional Meta-Gradient RL (Yin, Yan, Xu, ICLR 2023; ../shared/papers/000).
+"""DrMG: Distributional Meta-Gradient RL (Yin, Yan, Xu, ICLR 2023, openreview.net/forum?id=LGkmUauBUL).
 
 qr_impala.py plus the meta-gradient. The critic learns N quantiles of the return (eq. 1-3) towards the distributional
 lambda-return with v-trace (eq. 9-10), the actor follows the quantile-averaged advantage (eq. 11), and the
@@ -77,7 +77,7 @@ class Args:
     env_id: str = "Breakout-v5"
     """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`) or a JAX environment module"""
     max_episode_steps: int = 27000
-    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, paper 000 §5.2)"""
+    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, DrMG paper §5.2)"""
     noop_max: int = 30
     """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
     envpool_threads: int = 0
@@ -179,7 +179,7 @@ class Args:
 
 
 def make_env(env_id: str, seed: int, num_envs: int, args: Args):
-    """EnvPool with the DrMG Atari setting (paper 000 §5.2); JAX environments (`snake_jax`, ...) by module name."""
+    """EnvPool with the DrMG Atari setting (DrMG paper §5.2); JAX environments (`snake_jax`, ...) by module name."""
     if env_id.endswith("_jax"):
         return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
     kwargs = {}
@@ -473,7 +473,7 @@ def nstep_distributional_return(quantiles, bootstrap_quantiles, rewards, discoun
 
 
 def split_halves(rollout: Rollout):
-    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (paper 000 §5.2)."""
+    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (DrMG paper §5.2)."""
     half = rollout.actions.shape[1] // 2
     return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
 

@@ -1,4 +1,4 @@
-"""MG: Meta-Gradient RL (Xu, van Hasselt, Silver, NeurIPS 2018; survey ../shared/papers/002), learning gamma and lambda.
+"""MG: Meta-Gradient RL (Xu, van Hasselt, Silver, NeurIPS 2018, arXiv 1805.09801), learning gamma and lambda.
 
 IMPALA with a scalar critic trained towards the lambda-return with v-trace, and the return's hyperparameters
 eta = {gamma, lambda} meta-learnt: an inner step theta' = theta + update(grad L_in(tau, theta, eta)), the outer loss
@@ -6,7 +6,7 @@ eta = {gamma, lambda} meta-learnt: an inner step theta' = theta + update(grad L_
 Adam on eta's logits; twice per learner step, (tau1, tau2) then (tau2, tau1), as drmg.py. Policy and value see an
 embedding e_eta = W_eta eta of the current meta-parameters next to the torso features (Xu et al. §1.4).
 Equations: Xu et al. eq. 1 (the update theta' = theta + f(tau, theta, eta)) and eq. 2 (the meta-gradient chain rule);
-IMPALA's (Espeholt et al. 2018) eq. 1 (v-trace); DrMG's (../shared/papers/000) eq. 9, of which MG is the N = 1 case.
+IMPALA's (Espeholt et al. 2018) eq. 1 (v-trace); DrMG's (Yin, Yan, Xu, ICLR 2023) eq. 9, of which MG is the N = 1 case.
 
     python mg.py --env-id Breakout-v5
     python mg.py --env-id Breakout-v5 --no-eta-embedding    # the ablation without eta-conditioning
@@ -76,7 +76,7 @@ class Args:
     env_id: str = "Breakout-v5"
     """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`) or a JAX environment module"""
     max_episode_steps: int = 27000
-    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, paper 000 §5.2)"""
+    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, DrMG paper §5.2)"""
     noop_max: int = 30
     """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
     envpool_threads: int = 0
@@ -168,7 +168,7 @@ class Args:
 
 
 def make_env(env_id: str, seed: int, num_envs: int, args: Args):
-    """EnvPool with the DrMG Atari setting (paper 000 §5.2); JAX environments (`snake_jax`, ...) by module name."""
+    """EnvPool with the DrMG Atari setting (DrMG paper §5.2); JAX environments (`snake_jax`, ...) by module name."""
     if env_id.endswith("_jax"):
         return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
     kwargs = {}
@@ -416,7 +416,7 @@ def vtrace(
 
 
 def split_halves(rollout: Rollout):
-    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (paper 000 §5.2)."""
+    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (DrMG paper §5.2)."""
     half = rollout.actions.shape[1] // 2
     return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
 

@@ -1,4 +1,4 @@
-"""n-step and kappa-mixed meta-gradients for A2C (Bonnet et al., "One Step at a Time", ../shared/papers/003).
+"""n-step and kappa-mixed meta-gradients for A2C (Bonnet et al., "One Step at a Time", arXiv 2111.00206).
 
 A2C whose hyperparameters eta = {gamma, lambda, c_crit, c_entr} are meta-learnt. At every update, from theta_t, n inner
 updates with the same eta_t, each on a fresh rollout collected with the current inner parameters (eq. 5); the outer
@@ -67,11 +67,11 @@ class Args:
     env_id: str = "snake_jax"
     """the environment: `snake_jax` only (the look-ahead rollouts step copies of its pure JAX state)"""
     board_size: int = 12
-    """side of the board (paper 003 App. B.2: 12)"""
+    """side of the board (Bonnet et al. App. B.2: 12)"""
     max_episode_steps: int = 5000
     """episodes are truncated after this many moves (App. B.2: 5000)"""
 
-    # Algorithm (paper 003 Table 2, Snake column)
+    # Algorithm (Bonnet et al. Table 2, Snake column)
     total_timesteps: int = 20_000_000
     """agent steps of the real rollouts (paper: not given; our choice)"""
     learning_rate: float = 6e-4
@@ -234,7 +234,7 @@ class Rollout(NamedTuple):
 
 
 def lambda_returns(values, bootstrap_value, rewards, discounts, trace_masks, gamma, lambda_):
-    """TD(lambda) returns G_t = r_t + gamma d_t [(1 - lambda m_t) V(S_t+1) + lambda m_t G_t+1] (paper 003 App. C.2).
+    """TD(lambda) returns G_t = r_t + gamma d_t [(1 - lambda m_t) V(S_t+1) + lambda m_t G_t+1] (Bonnet et al. App. C.2).
 
     values V(S_t): [T, B]; bootstrap_value V(S_T): [B]; rewards, discounts d_t (0 where the episode terminates at t),
     trace_masks m_t (0 where the traces must stop at t: a truncation, bootstrap from V(S_t+1) alone): [T, B].
@@ -254,7 +254,7 @@ def lambda_returns(values, bootstrap_value, rewards, discounts, trace_masks, gam
 
 
 def a2c_loss(params, apply_fn, rollout: Rollout, eta, target_params=None):
-    """L(theta, eta, tau) of paper 003 App. C.2: policy gradient + c_crit critic loss - c_entr entropy, on lambda-returns.
+    """L(theta, eta, tau) of Bonnet et al. App. C.2: policy gradient + c_crit critic loss - c_entr entropy, on lambda-returns.
 
     The return targets and the advantage's baseline come from `target_params` (default: stop_gradient(params)), so
     grad_theta treats them as constants while eta stays live in the targets. The inner update passes target_params =

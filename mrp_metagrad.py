@@ -1,4 +1,4 @@
-"""Monte Carlo n-step meta-gradients of per-state discounts on a 10-state Markov reward process (paper 003, §3.3, App. B.1,
+"""Monte Carlo n-step meta-gradients of per-state discounts on a 10-state Markov reward process (Bonnet et al., §3.3, App. B.1,
 C.1; the MRP of Xu et al. 2018).
 
 States s_0 .. s_9 are visited left to right, once per episode; even states give reward 0.1, odd states a reward drawn from
@@ -47,7 +47,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team or user)"""
 
-    # Algorithm (paper 003 Table 2, Markov reward process column)
+    # Algorithm (Bonnet et al. Table 2, Markov reward process column)
     num_updates: int = 2000
     """updates of theta and eta (paper: not given; our choice)"""
     learning_rate: float = 1e-3

@@ -1,4 +1,5 @@
-"""Snake as a pure JAX environment (paper 003 "One Step at a Time", App. B.2), with an EnvPool-style batched wrapper.
+"""Snake as a pure JAX environment (Bonnet et al., "One Step at a Time", arXiv 2111.00206, App. B.2), with an EnvPool-style
+batched wrapper.
 
 The snake starts with length 1 on a uniformly random cell of a `board_size` x `board_size` board (12 x 12 in the paper)
 and one fruit lies on a uniformly random free cell. Eating the fruit gives reward 1, grows the snake by one cell and puts

@@ -1,4 +1,4 @@
-"""STACX: Self-Tuning Actor-Critic with auxiliary heads (Zahavy et al., NeurIPS 2020; survey ../shared/papers/002).
+"""STACX: Self-Tuning Actor-Critic with auxiliary heads (Zahavy et al., NeurIPS 2020, arXiv 2002.12928).
 
 mg.py without the eta-embedding, plus STACX: auxiliary policy-value heads on the shared torso (only the main head
 acts), each head k with its own meta-parameters eta_k = {gamma, lambda, g_v, g_p, g_e, alpha_rho, alpha_c}, |eta| = 7
@@ -75,7 +75,7 @@ class Args:
     env_id: str = "Breakout-v5"
     """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`) or a JAX environment module"""
     max_episode_steps: int = 27000
-    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, paper 000 §5.2)"""
+    """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, DrMG paper §5.2)"""
     noop_max: int = 30
     """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
     envpool_threads: int = 0
@@ -171,7 +171,7 @@ class Args:
 
 
 def make_env(env_id: str, seed: int, num_envs: int, args: Args):
-    """EnvPool with the DrMG Atari setting (paper 000 §5.2); JAX environments (`snake_jax`, ...) by module name."""
+    """EnvPool with the DrMG Atari setting (DrMG paper §5.2); JAX environments (`snake_jax`, ...) by module name."""
     if env_id.endswith("_jax"):
         return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
     kwargs = {}
@@ -429,7 +429,7 @@ def leaky_vtrace(
 
 
 def split_halves(rollout: Rollout):
-    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (paper 000 §5.2)."""
+    """The two halves tau_1, tau_2 of the learner batch, split along the env axis (DrMG paper §5.2)."""
     half = rollout.actions.shape[1] // 2
     return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
 

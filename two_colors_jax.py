@@ -1,4 +1,4 @@
-"""The two-colors grid world of the DrMG paper (paper 000 §5.1, Figure 1) as a pure JAX environment, with an EnvPool-style
+"""The two-colors grid world of the DrMG paper (§5.1, Figure 1) as a pure JAX environment, with an EnvPool-style
 batched wrapper.
 
 A 7 x 7 grid holds the agent, two keys of different colours and a goal door, on four distinct cells drawn uniformly at

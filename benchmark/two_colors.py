@@ -1,4 +1,4 @@
-"""Figure 1 of the DrMG paper (paper 000 §5.1): DrMG, MG and QR on the two-colors grid world, whose key rewards swap
+"""Figure 1 of the DrMG paper (§5.1): DrMG, MG and QR on the two-colors grid world, whose key rewards swap
 every 1e5 environment steps. Does the agent that learns a return distribution re-adapt faster after a swap?
 
 Runs DrMG (`drmg.py`), MG (`mg.py`) and QR as subprocesses on `--env-id two_colors_jax` with the same hyperparameters
@@ -19,7 +19,7 @@ agents have learnt the task), on the returns binned by --bin-steps:
                substantially higher return")
 `colour` says which key is worth 0.7 after the toggle (0 before the first toggle, then 1, 0, ...).
 
-QR is DrMG({}) (paper 000 §5.3): `drmg.py --meta-learn none`, the same agent with its initial eta and nothing
+QR is DrMG({}) (DrMG paper §5.3): `drmg.py --meta-learn none`, the same agent with its initial eta and nothing
 meta-learnt. MG starts from DrMG's gamma, lambda and loss weights (0.99 w'); it has no leaky v-trace (alpha = 1).
 Before running, the script checks that the agents it launches share their initial eta (`initial_eta`).
 
@@ -275,7 +275,7 @@ def plot(path: str, bins: np.ndarray, curves: dict, args: Args):
     ax.axhline(1.5, color="black", linestyle=":", linewidth=0.8, label="1.5: either key, no step penalty")
     ax.set_xlabel("environment steps (dashed: the key rewards swap)")
     ax.set_ylabel(f"episodic return (mean of {args.bin_steps} step bins)")
-    ax.set_title("two-colors grid world (paper 000, Figure 1): mean over seeds, band min-max", pad=22)
+    ax.set_title("two-colors grid world (DrMG paper, Figure 1): mean over seeds, band min-max", pad=22)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,4 +1,4 @@
-"""Rules, observation and EnvPool-style auto-reset of `snake_jax` (paper 003, App. B.2)."""
+"""Rules, observation and EnvPool-style auto-reset of `snake_jax` (Bonnet et al., App. B.2)."""
 
 import functools
 

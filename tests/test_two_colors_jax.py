@@ -1,4 +1,4 @@
-"""Rules, observation, global reward toggle and EnvPool-style auto-reset of `two_colors_jax` (paper 000 §5.1)."""
+"""Rules, observation, global reward toggle and EnvPool-style auto-reset of `two_colors_jax` (DrMG paper §5.1)."""
 
 import functools
 import os
