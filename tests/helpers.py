@@ -136,9 +136,6 @@ def learner_step_on(module, devices, args, *states_and_batch):
     return module.make_learner_step(args, mesh)(*jax.device_put(states, replicated), jax.device_put(batch, sharded))
 
 
-meta_step_on = learner_step_on  # the older name, which tests/test_drmg_bmg.py still uses
-
-
 def assert_same_step(one, two):
     """Both train states equal; with SGD at learning rate 1 the meta step is minus the meta-gradient."""
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[1].params, one[1].params)
@@ -149,13 +146,15 @@ def assert_same_step(one, two):
 def check_two_devices_give_the_single_device_meta_step(module, args, halves=True):
     """`module`'s learner step with SGD at learning rate 1 on eta, its batch on one device and split over two. With
     `halves`, each device halves its own shard, so on two devices tau1 = envs {0, 2} and tau2 = envs {1, 3}: the pairing
-    of inner and outer data matters to the meta-gradient, so the single device gets the same halves."""
+    of inner and outer data matters to the meta-gradient, so the single device gets the same halves. Returns the
+    single-device (agent state, meta state, metrics)."""
     rollout = make_small_rollout(module)
     agent_state = make_states(module, args, jax.tree.map(jnp.asarray, rollout))
     meta_state = TrainState.create(apply_fn=None, params=module.init_meta_params(args), tx=optax.sgd(1.0))
     single = jax.tree.map(lambda x: x[:, [0, 2, 1, 3]], rollout) if halves else rollout
     one = learner_step_on(module, jax.devices()[:1], args, agent_state, meta_state, single)
     assert_same_step(one, learner_step_on(module, jax.devices()[:2], args, agent_state, meta_state, rollout))
+    return one
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,18 +12,23 @@ import numpy as np
 import optax
 import pytest
 import tyro
-from flax.training.train_state import TrainState
-from helpers import ROOT, assert_same_step, make_rollout, make_states, meta_step_on, only_run_dir, run_script, scalars
+from helpers import (
+    ROOT,
+    check_two_devices_give_the_single_device_meta_step,
+    make_small_rollout,
+    make_states,
+    only_run_dir,
+    run_script,
+    scalars,
+)
 
 import drmg
-
-NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM = 5, 4, 3, 3
 
 
 def setup(dtype=np.float64, **kwargs):
     """Args (3 quantiles), the two halves of a random unroll, the agent's train state and shifted meta-parameters."""
     args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.7, alpha=0.6, weight_init=0.8, learning_rate=0.05, **kwargs)
-    rollout = jax.tree.map(jnp.asarray, make_rollout(drmg, NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, 0, dtype))
+    rollout = jax.tree.map(jnp.asarray, make_small_rollout(drmg, 0, dtype))
     agent_state = make_states(drmg, args, rollout)
     meta_params = jax.tree.map(lambda x: x + jnp.linspace(-0.3, 0.3, x.size).reshape(x.shape), drmg.init_meta_params(args))
     return args, *drmg.split_halves(rollout), agent_state, meta_params
@@ -54,7 +59,7 @@ def plain_target(agent_state, meta_params, inner, outer, args):
 
 def matching(apply_fn, target_params, params_prime, rollout, args):
     """mu(theta~, theta') written out: KL(pi~ || pi') + c x quantile Huber of Z' towards Z~, means over valid states."""
-    obs = rollout.obs[:-1].reshape(-1, OBS_DIM)
+    obs = rollout.obs[:-1].reshape((-1,) + rollout.obs.shape[2:])
     (logits, z), (target_logits, target_z) = apply_fn(params_prime, obs), apply_fn(target_params, obs)
     p = jax.nn.softmax(target_logits)
     kl = jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logits)), axis=-1)
@@ -156,7 +161,7 @@ def test_bmg_steps_0_is_the_eq14_meta_gradient_bit_for_bit(monkeypatch):
     """--bmg-steps 0 traces to the very program of the pre-BMG `meta_gradient` (`eq14_meta_gradient`): the same jaxpr,
     so the same compiled update, bit for bit; it never calls the BMG functions. learner_step does not read --bmg-steps."""
     args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.8, alpha=0.7, chunk_envs=1)
-    rollout = jax.tree.map(jnp.asarray, make_rollout(drmg, NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, 1))
+    rollout = jax.tree.map(jnp.asarray, make_small_rollout(drmg, 1))
     agent_state = make_states(drmg, args, rollout)
     meta_params = drmg.init_meta_params(args)
 
@@ -181,13 +186,7 @@ def test_bmg_steps_0_is_the_eq14_meta_gradient_bit_for_bit(monkeypatch):
 
 def test_two_device_bmg_meta_step_equals_single_device_meta_step():
     args = drmg.Args(num_quantiles=3, gamma=0.9, lambda_=0.8, alpha=0.7, bmg_steps=1, bmg_value_coef=0.5)
-    rollout = make_rollout(drmg, NUM_STEPS, NUM_ENVS, NUM_ACTIONS, OBS_DIM, 0)
-    agent_state = make_states(drmg, args, jax.tree.map(jnp.asarray, rollout))
-    meta_state = TrainState.create(apply_fn=None, params=drmg.init_meta_params(args), tx=optax.sgd(1.0))
-    # Each device halves its own shard: on two devices tau1 = envs {0, 2}, tau2 = envs {1, 3}; the same on one device.
-    reordered = jax.tree.map(lambda x: x[:, [0, 2, 1, 3]], rollout)
-    one = meta_step_on(drmg, jax.devices()[:1], args, agent_state, meta_state, reordered)
-    assert_same_step(one, meta_step_on(drmg, jax.devices()[:2], args, agent_state, meta_state, rollout))
+    one = check_two_devices_give_the_single_device_meta_step(drmg, args)
     assert float(one[2]["bmg_matching_loss"]) > 0
 
 
