@@ -10,6 +10,9 @@ episode is always drawn from the key of the state the environment was in, `reset
   ends an episode returns its final state (from which a truncated episode bootstraps); at the next step that env
   ignores its action and restarts: the new episode's first state, reward 0, terminated and truncated False. The
   caller carries `reset_now = terminated | truncated` from one step to the next. `envpool_step`.
+- EnvPool's rule over a library's immediate auto-reset (gymnax's `env.step`, which `minatar_jax.py` wraps): the move
+  that ends an episode reports the final observation and keeps the new episode the library already drew; the next
+  step shows that episode's first observation without moving. `envpool_step_over_autoreset`.
 """
 
 import jax
@@ -43,3 +46,24 @@ def envpool_step(step_state, reset_state, observe, states, reset_now: jax.Array,
     states = where_tree(reset_now, jax.vmap(reset_state)(states.key), stepped)
     reward = jnp.where(reset_now, 0.0, reward)
     return states, jax.vmap(observe)(states), reward, terminated & ~reset_now, truncated & ~reset_now
+
+
+def envpool_step_over_autoreset(step_autoreset, observe, states, reset_now: jax.Array, actions: jax.Array):
+    """`envpool_step`'s rule for an environment whose own step resets at once (gymnax, Jumanji), left unchanged.
+
+    Args:
+        step_autoreset: one env's `(state, action) -> (state, final_obs, reward, terminated, truncated)` with immediate
+            auto-reset: where the move ends the episode, `state` is already the new episode's first state and
+            `final_obs` the ended episode's last observation (else `final_obs` is `observe(state)`). Vmapped here.
+        observe: one env's `state -> obs`.
+        states, reset_now, actions: as `envpool_step`.
+    Returns:
+        (states, obs, reward, terminated, truncated), leading axis B. The envs that restart keep their state (the new
+        episode, already drawn) and show its first observation, reward 0, terminated and truncated False; the others
+        move and show the move's observation: the final one where the move ends the episode.
+    """
+    stepped, final_obs, reward, terminated, truncated = jax.vmap(step_autoreset)(states, actions)
+    states = where_tree(reset_now, states, stepped)
+    obs = where_tree(reset_now, jax.vmap(observe)(states), final_obs)
+    reward = jnp.where(reset_now, 0.0, reward)
+    return states, obs, reward, terminated & ~reset_now, truncated & ~reset_now

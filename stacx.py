@@ -73,13 +73,16 @@ class Args:
 
     # Environment
     env_id: str = "Breakout-v5"
-    """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`) or a JAX environment module"""
+    """an EnvPool id (Atari `*-v5`, or one with vector observations such as `CartPole-v1`), a MinAtar game of gymnax
+    (`Breakout-MinAtar`, `SpaceInvaders-MinAtar`, `Asterix-MinAtar`, `Freeway-MinAtar`) or a JAX environment module"""
     max_episode_steps: int = 27000
     """Atari episodes are cut after this many agent steps (108,000 frames at action repeat 4, DrMG paper §5.2)"""
     noop_max: int = 30
     """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
     envpool_threads: int = 0
     """EnvPool worker threads per actor thread (0: EnvPool's default)"""
+    network: Literal["auto", "resnet", "minatar"] = "auto"
+    """the torso of image observations: IMPALA's ResNet, MinAtar's network, or auto: MinAtar's below 32 x 32 pixels"""
 
     # Algorithm
     total_timesteps: int = 50_000_000
@@ -170,8 +173,27 @@ class Args:
     """the number of processes"""
 
 
+# The defaults that differ by environment family; where each comes from: docs/minatar.md.
+ENV_DEFAULTS = {
+    "-MinAtar": dict(total_timesteps=10_000_000, local_num_envs=64, num_steps=20, learning_rate=6e-4, rmsprop_eps=1e-5),
+}
+
+
+def default_args(argv: Sequence[str]) -> Args:
+    """Args() with the defaults of the family of the `--env-id` that `argv` names (ENV_DEFAULTS); the flags of `argv`
+    still win, and `--help` after `--env-id Breakout-MinAtar` shows MinAtar's defaults."""
+    env_id = Args.env_id
+    for i, flag in enumerate(argv):
+        if flag.split("=")[0] in ("--env-id", "--env_id"):
+            env_id = flag.split("=", 1)[1] if "=" in flag else argv[i + 1] if i + 1 < len(argv) else env_id
+    return replace(Args(), **next((d for suffix, d in ENV_DEFAULTS.items() if env_id.endswith(suffix)), {}))
+
+
 def make_env(env_id: str, seed: int, num_envs: int, args: Args):
-    """EnvPool with the DrMG Atari setting (DrMG paper §5.2); JAX environments (`snake_jax`, ...) by module name."""
+    """EnvPool with the DrMG Atari setting (DrMG paper §5.2); MinAtar through gymnax (`minatar_jax.py`); JAX environments
+    (`snake_jax`, ...) by module name."""
+    if env_id.endswith("-MinAtar"):
+        return importlib.import_module("minatar_jax").make_vec_env(env_id, num_envs=num_envs, seed=seed)
     if env_id.endswith("_jax"):
         return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
     kwargs = {}
@@ -201,9 +223,10 @@ def make_env(env_id: str, seed: int, num_envs: int, args: Args):
 
 def check_args(args: Args):
     """Fail before anything is written, with a message that says what to change."""
-    if not args.env_id.endswith("_jax") and args.env_id not in envpool.list_all_envs():
-        close = difflib.get_close_matches(args.env_id, envpool.list_all_envs(), n=5)
-        raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool ids close to it: {close}")
+    minatar_games = ("Breakout-MinAtar", "SpaceInvaders-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar")  # minatar_jax.GAMES
+    if not args.env_id.endswith("_jax") and args.env_id not in (*envpool.list_all_envs(), *minatar_games):
+        close = difflib.get_close_matches(args.env_id, (*envpool.list_all_envs(), *minatar_games), n=5)
+        raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool and MinAtar ids close to it: {close}")
     if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
         raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
     num_splits = (2 if args.two_halves else 1) * len(args.learner_device_ids)
@@ -297,12 +320,13 @@ cpu_conv.defvjp(cpu_conv_fwd, cpu_conv_bwd)
 cpu_conv_kernel_grad.defvjp(cpu_conv_kernel_grad_fwd, cpu_conv_kernel_grad_bwd)
 
 
-def conv3x3(channels: int):
-    """A 3x3 "SAME" convolution layer: flax's on accelerators, through `cpu_conv` on CPU (same parameters)."""
+def conv3x3(channels: int, padding: str = "SAME"):
+    """A 3x3 convolution layer ("SAME" or "VALID"): flax's on accelerators, through `cpu_conv` on CPU (same parameters)."""
     if jax.default_backend() != "cpu":
-        return nn.Conv(channels, kernel_size=(3, 3))
+        return nn.Conv(channels, kernel_size=(3, 3), padding=padding)
+    pads = ((1, 1),) * 2 if padding == "SAME" else ((0, 0),) * 2
     return nn.Conv(
-        channels, kernel_size=(3, 3), conv_general_dilated=lambda x, kernel, *_, **__: cpu_conv(x, kernel, ((1, 1),) * 2)
+        channels, (3, 3), padding=padding, conv_general_dilated=lambda x, kernel, *_, **__: cpu_conv(x, kernel, pads)
     )
 
 
@@ -331,12 +355,20 @@ class ConvSequence(nn.Module):
 
 
 class Torso(nn.Module):
-    """IMPALA's deep ResNet for image observations (C, H, W); a two-layer MLP for vector observations."""
+    """Image observations (C, H, W): IMPALA's deep ResNet, or MinAtar's network for small grids (`--network`); a two-layer
+    MLP for vector observations."""
+
+    network: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         if x.dtype == jnp.uint8:
             x = x.astype(jnp.float32) / 255.0
+        if x.ndim == 4 and (self.network == "minatar" or (self.network == "auto" and x.shape[-1] < 32)):
+            # MinAtar's network (Young & Tian 2019, §4): one 3x3 convolution with 16 channels, stride 1, no padding,
+            # then a fully connected layer of 128 units, ReLUs after both.
+            x = nn.relu(conv3x3(16, padding="VALID")(jnp.transpose(x, (0, 2, 3, 1))))
+            return nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
         if x.ndim == 4:
             x = jnp.transpose(x, (0, 2, 3, 1))
             for channels in (16, 32, 32):
@@ -352,10 +384,11 @@ class AgentNetwork(nn.Module):
 
     num_actions: int
     num_heads: int
+    torso: str = "auto"  # --network
 
     @nn.compact
     def __call__(self, obs):
-        hidden = Torso()(obs)
+        hidden = Torso(self.torso)(obs)
         logits = nn.Dense(self.num_heads * self.num_actions, kernel_init=nn.initializers.orthogonal(0.01))(hidden)
         value = nn.Dense(self.num_heads, kernel_init=nn.initializers.orthogonal(1.0))(hidden)
         return logits.reshape(logits.shape[:-1] + (self.num_heads, self.num_actions)), value
@@ -785,16 +818,17 @@ RESUME_FLAGS = (
 )
 
 
-def resume_args(args: Args):
-    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume."""
+def resume_args(args: Args, defaults: Args):
+    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume.
+    A flag counts as given where it differs from `defaults`."""
     try:
         saved = load_checkpoint(args.resume)
     except Exception as e:  # noqa: B902 (a missing file, another format, another script's flags)
         raise SystemExit(f"--resume {args.resume}: not a checkpoint of {os.path.basename(__file__)} ({e})") from None
     for name, value in asdict(args).items():
-        if name not in RESUME_FLAGS and value != getattr(Args(), name) and value != getattr(saved["args"], name):
+        if name not in RESUME_FLAGS and value != getattr(defaults, name) and value != getattr(saved["args"], name):
             raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
-    given = {name: getattr(args, name) for name in RESUME_FLAGS if getattr(args, name) != getattr(Args(), name)}
+    given = {name: getattr(args, name) for name in RESUME_FLAGS if getattr(args, name) != getattr(defaults, name)}
     return replace(saved["args"], **given), saved
 
 
@@ -825,7 +859,7 @@ def evaluate(model_path: str, eval_episodes: int, seed: int = 0):
     """Run the saved policy for `eval_episodes` episodes, one env each; return their unclipped returns."""
     args, params = load_model(model_path)
     envs = make_env(args.env_id, seed, eval_episodes, args)
-    network = AgentNetwork(envs.action_space.n, args.num_heads)
+    network = AgentNetwork(envs.action_space.n, args.num_heads, args.network)
     act = jax.jit(lambda p, o, k: jax.random.categorical(k, main_head(network.apply(p, o)[0])))
     key = jax.random.PRNGKey(seed)
     obs, _ = envs.reset()
@@ -870,7 +904,7 @@ def rollout(
     """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`,
     from update and global step `start` until the last update or `stop`; `status[device_thread_id]` says what it does."""
     envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)
-    network = AgentNetwork(envs.action_space.n, args.num_heads)
+    network = AgentNetwork(envs.action_space.n, args.num_heads, args.network)
     num_envs = args.local_num_envs
     # global steps per env step of this thread: every env of every actor thread of every process steps once meanwhile
     steps_per_tick = num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
@@ -964,8 +998,9 @@ def actor_thread(errors: queue.Queue, *fn_args):
 
 if __name__ == "__main__":
     sys.excepthook = report
-    args = tyro.cli(Args)
-    args, saved = resume_args(args) if args.resume else (args, None)
+    defaults = default_args(sys.argv[1:])
+    args = tyro.cli(Args, default=defaults)
+    args, saved = resume_args(args, defaults) if args.resume else (args, None)
     check_args(args)
     stop, stop_signal = threading.Event(), []  # the actors and the learner finish when `stop` is set
 
@@ -1003,7 +1038,7 @@ if __name__ == "__main__":
     key = jax.random.PRNGKey(args.seed)
     key, network_key, actor_key = jax.random.split(key, 3)
     envs = make_env(args.env_id, args.seed, 1, args)
-    network = AgentNetwork(envs.action_space.n, args.num_heads)
+    network = AgentNetwork(envs.action_space.n, args.num_heads, args.network)
     params = network.init(network_key, np.array([envs.observation_space.sample()]))
     observation_space, num_actions = envs.observation_space, envs.action_space.n
     del envs
