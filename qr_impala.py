@@ -44,6 +44,11 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 
 
+# =====================================================================================================================
+# FLAGS: `Args` is this algorithm's; ENV_DEFAULTS and default_args are shared plumbing (change in all four).
+# =====================================================================================================================
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -155,7 +160,14 @@ class Args:
 
 # The defaults that differ by environment family; where each comes from: docs/minatar.md.
 ENV_DEFAULTS = {
-    "-MinAtar": dict(total_timesteps=10_000_000, local_num_envs=64, num_steps=20, learning_rate=6e-4, rmsprop_eps=1e-5),
+    "-MinAtar": dict(
+        total_timesteps=10_000_000,
+        local_num_envs=32,
+        num_actor_threads=1,
+        num_steps=20,
+        learning_rate=2e-3,
+        rmsprop_eps=1e-5,
+    ),
 }
 
 
@@ -169,128 +181,10 @@ def default_args(argv: Sequence[str]) -> Args:
     return replace(Args(), **next((d for suffix, d in ENV_DEFAULTS.items() if env_id.endswith(suffix)), {}))
 
 
-def make_env(env_id: str, seed: int, num_envs: int, args: Args):
-    """EnvPool with the DrMG Atari setting (DrMG paper §5.2); MinAtar through gymnax (`minatar_jax.py`); JAX environments
-    (`snake_jax`, ...) by module name."""
-    if env_id.endswith("-MinAtar"):
-        return importlib.import_module("minatar_jax").make_vec_env(env_id, num_envs=num_envs, seed=seed)
-    if env_id.endswith("_jax"):
-        return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
-    kwargs = {}
-    if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
-        kwargs = dict(
-            episodic_life=False,
-            reward_clip=False,  # the learner clips; the game score is logged unclipped
-            repeat_action_probability=0.0,
-            noop_max=args.noop_max,
-            max_episode_steps=args.max_episode_steps,
-            stack_num=4,
-            img_height=84,
-            img_width=84,
-            gray_scale=True,
-            frame_skip=4,
-        )
-    return envpool.make(
-        env_id,
-        env_type="gym",
-        num_envs=num_envs,
-        batch_size=num_envs,
-        num_threads=args.envpool_threads,
-        seed=seed,
-        **kwargs,
-    )
-
-
-def check_args(args: Args):
-    """Fail before anything is written, with a message that says what to change."""
-    minatar_games = ("Breakout-MinAtar", "SpaceInvaders-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar")  # minatar_jax.GAMES
-    if not args.env_id.endswith("_jax") and args.env_id not in (*envpool.list_all_envs(), *minatar_games):
-        close = difflib.get_close_matches(args.env_id, (*envpool.list_all_envs(), *minatar_games), n=5)
-        raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool and MinAtar ids close to it: {close}")
-    if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
-        raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
-    if (args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)) % (2 * len(args.learner_device_ids)):
-        raise SystemExit("envs per process must split into two equal halves on every learner device")
-    if min(args.num_quantiles, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
-        raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
-    if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
-        raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
-    if not 0 <= args.huber_kappa < np.inf:
-        raise SystemExit(f"--huber-kappa {args.huber_kappa}: must be >= 0 (0: the plain quantile loss of eq. 1)")
-    if args.log_frequency < 1 or args.eval_episodes < 1 or args.save_every < 0 or args.total_timesteps < 1:
-        raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
-    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
-        raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        raise SystemExit("--track needs Weights & Biases: pip install wandb")
-    if not all(0 < x < np.inf for x in (args.learning_rate, args.rmsprop_eps, args.max_grad_norm, args.queue_timeout)):
-        raise SystemExit("--learning-rate, --rmsprop-eps, --max-grad-norm and --queue-timeout must be positive and finite")
-    if not 0 <= args.rmsprop_decay < 1:
-        raise SystemExit("--rmsprop-decay must lie in [0, 1)")
-    for name in ("actor_device_ids", "learner_device_ids"):
-        ids = getattr(args, name)
-        if not ids or min(ids) < 0 or len(set(ids)) < len(ids):
-            raise SystemExit(f"--{name.replace('_', '-')} {ids}: device indices must be >= 0 and distinct")
-    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id is not None):
-        raise SystemExit("--coordinator-address, --num-processes and --process-id go with --distributed")
-    run_root = "runs" if os.path.exists("runs") else "."
-    if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
-        raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
-    if args.resume and not os.access(os.path.dirname(os.path.abspath(args.resume)), os.W_OK):
-        raise SystemExit(f"cannot write the run directory of --resume {args.resume}")
-
-
-def canonical_conv(x, kernel, padding):
-    """Stride-1 convolution of NHWC `x` with an HWIO `kernel`; `padding`: (low, high) per spatial axis."""
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def flipped(kernel):
-    """The kernel of the transposed convolution: spatially flipped, input and output channels swapped."""
-    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-
-
-def transposed_padding(kernel, padding):
-    return tuple((size - 1 - low, size - 1 - high) for size, (low, high) in zip(kernel.shape[:2], padding))
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def cpu_conv(x, kernel, padding):
-    """`canonical_conv` whose gradients of every order are canonical convolutions too.
-
-    XLA:CPU puts only the convolutions outside loops in the canonical form of its fast kernels; the gradient
-    convolutions that JAX emits run 10-30x slower inside the learner's scan over env chunks (jax#12868).
-    """
-    return canonical_conv(x, kernel, padding)
-
-
-def cpu_conv_fwd(x, kernel, padding):
-    return cpu_conv(x, kernel, padding), (x, kernel)
-
-
-def cpu_conv_bwd(padding, residuals, dy):
-    x, kernel = residuals
-    return cpu_conv(dy, flipped(kernel), transposed_padding(kernel, padding)), cpu_conv_kernel_grad(x, dy, padding)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def cpu_conv_kernel_grad(x, dy, padding):
-    """d <dy, cpu_conv(x, kernel)> / d kernel, as a canonical convolution whose channels are the batch axis."""
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    return canonical_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), ((0, 0), (0, 0))).transpose(1, 2, 0, 3)
-
-
-def cpu_conv_kernel_grad_fwd(x, dy, padding):
-    return cpu_conv_kernel_grad(x, dy, padding), (x, dy)
-
-
-def cpu_conv_kernel_grad_bwd(padding, residuals, d_kernel):
-    x, dy = residuals
-    return cpu_conv(dy, flipped(d_kernel), transposed_padding(d_kernel, padding)), cpu_conv(x, d_kernel, padding)
-
-
-cpu_conv.defvjp(cpu_conv_fwd, cpu_conv_bwd)
-cpu_conv_kernel_grad.defvjp(cpu_conv_kernel_grad_fwd, cpu_conv_kernel_grad_bwd)
+# =====================================================================================================================
+# ALGO LOGIC: the network, the returns and losses, eta, the meta-gradient and the learner step.
+# The torso, Rollout, split_halves, chunk_mean, non_finite and the optimiser are shared: change them in all four.
+# =====================================================================================================================
 
 
 def conv3x3(channels: int, padding: str = "SAME"):
@@ -519,6 +413,11 @@ def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args):
     return loss, dict(loss=loss, value_loss=value_loss, policy_loss=policy_loss, entropy=entropy)
 
 
+def device_mean(tree, axis_name: Optional[str]):
+    """The mean of `tree` over the learner devices (the shard_map axis `axis_name`); `tree` itself without one (None)."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
 def non_finite(**trees):
     """Inside jit: for each tree, whether any of its entries is NaN or infinite."""
     return {
@@ -528,32 +427,30 @@ def non_finite(**trees):
 
 
 def learner_step(agent_state: TrainState, rollout: Rollout, args: Args, axis_name: Optional[str] = "learner"):
-    """One gradient step from the two halves of this device's batch, gradients averaged over learner devices."""
-    grads, metrics = None, []
-    for half in split_halves(rollout):
-        half_grads, half_metrics = chunk_mean(
+    """One gradient step from the two halves of this device's batch, gradients averaged over learner devices.
+    Returns the new state, the metrics that are logged and the checks that stop the run (`non_finite`)."""
+    halves = [
+        chunk_mean(
             lambda chunk: jax.grad(impala_loss, has_aux=True)(
                 agent_state.params, agent_state.apply_fn, chunk, hyperparameters(args), args
             ),
             half,
             args.chunk_envs,
         )
-        grads = half_grads if grads is None else jax.tree.map(jnp.add, grads, half_grads)
-        metrics.append(half_metrics)
-    grads = jax.tree.map(lambda g: g / 2.0, grads)
-    metrics = jax.tree.map(lambda a, b: (a + b) / 2.0, *metrics)
-    if axis_name is not None:
-        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+        for half in split_halves(rollout)
+    ]
+    grads, metrics = jax.tree.map(lambda a, b: (a + b) / 2.0, *halves)
+    grads, metrics = device_mean((grads, metrics), axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
     agent_state = agent_state.apply_gradients(grads=grads)
-    metrics["non_finite"] = non_finite(loss=metrics["loss"], gradients=grads, parameters=agent_state.params)
-    return agent_state, metrics
+    checks = dict(non_finite=non_finite(loss=metrics["loss"], gradients=grads, parameters=agent_state.params))
+    return agent_state, metrics, checks
 
 
 def make_learner_step(args: Args, mesh: Mesh):
     """Jit `learner_step`, the batch sharded along envs over the learner devices and the train state replicated."""
     sharded = jax.shard_map(
-        partial(learner_step, args=args), mesh=mesh, in_specs=(P(), P(None, "learner")), out_specs=(P(), P()), check_vma=False
+        partial(learner_step, args=args), mesh=mesh, in_specs=(P(), P(None, "learner")), out_specs=(P(), P(), P()), check_vma=False
     )
     return jax.jit(sharded)
 
@@ -572,6 +469,44 @@ def make_optimizer(args: Args):
     )
 
 
+# =====================================================================================================================
+# ACTOR-LEARNER LOOP: actor threads step the environments and feed the learner (Cleanba's loop).
+# Shared but for the network each actor builds: change in all four.
+# =====================================================================================================================
+
+
+def make_env(env_id: str, seed: int, num_envs: int, args: Args):
+    """EnvPool with the DrMG Atari setting (DrMG paper §5.2); MinAtar through gymnax (`minatar_jax.py`); JAX environments
+    (`snake_jax`, ...) by module name."""
+    if env_id.endswith("-MinAtar"):
+        return importlib.import_module("minatar_jax").make_vec_env(env_id, num_envs=num_envs, seed=seed)
+    if env_id.endswith("_jax"):
+        return importlib.import_module(env_id).make_vec_env(num_envs=num_envs, seed=seed)
+    kwargs = {}
+    if "noop_max" in envpool.make_spec(env_id).config._fields:  # Atari
+        kwargs = dict(
+            episodic_life=False,
+            reward_clip=False,  # the learner clips; the game score is logged unclipped
+            repeat_action_probability=0.0,
+            noop_max=args.noop_max,
+            max_episode_steps=args.max_episode_steps,
+            stack_num=4,
+            img_height=84,
+            img_width=84,
+            gray_scale=True,
+            frame_skip=4,
+        )
+    return envpool.make(
+        env_id,
+        env_type="gym",
+        num_envs=num_envs,
+        batch_size=num_envs,
+        num_threads=args.envpool_threads,
+        seed=seed,
+        **kwargs,
+    )
+
+
 def learner_dtype(dtype):
     """The actors send booleans and floats to the learner as float32."""
     return np.dtype(np.float32) if dtype == bool or np.dtype(dtype).kind == "f" else np.dtype(dtype)
@@ -587,6 +522,227 @@ def rollout_spec(args: Args, observation_space, num_actions: int, sharding) -> R
         behaviour_logits=spec((T, B, num_actions), np.float32),
         **{name: spec((T, B), np.float32) for name in ("rewards", "terminations", "truncations", "resets")},
     )
+
+
+def patiently(operation, stop: threading.Event, timeout: float, what: str):
+    """Retry a blocking queue get or put every second until it succeeds; None once `stop` is set; TimeoutError after
+    `timeout` seconds, saying `what` did not come."""
+    start = time.time()
+    while not stop.is_set():
+        try:
+            return operation(timeout=1.0)
+        except (queue.Empty, queue.Full):
+            if time.time() - start > timeout:
+                raise TimeoutError(f"{what} for {timeout:g} s")
+    return None
+
+
+def rollout(
+    key: jax.random.PRNGKey,
+    args: Args,
+    rollout_queue: queue.Queue,
+    params_queue: queue.Queue,
+    writer: SummaryWriter,
+    learner_devices: Sequence[jax.Device],
+    device_thread_id: int,
+    actor_device: jax.Device,
+    start: Tuple[int, int],
+    returned_episode_returns: deque,
+    stop: threading.Event,
+    status: List[str],
+):
+    """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`,
+    from update and global step `start` until the last update or `stop`; `status[device_thread_id]` says what it does."""
+    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)
+    network = AgentNetwork(envs.action_space.n, args.num_quantiles, args.network)
+    num_envs = args.local_num_envs
+    # global steps per env step of this thread: every env of every actor thread of every process steps once meanwhile
+    steps_per_tick = num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
+
+    @jax.jit
+    def get_action(params, obs, key):
+        logits, _ = network.apply(params, obs)
+        key, subkey = jax.random.split(key)
+        return jax.random.categorical(subkey, logits), logits, key
+
+    episode_returns = np.zeros(num_envs)
+    obs, _ = envs.reset()
+    reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
+    start_update, global_step = start
+    for update in range(start_update + 1, args.num_updates + 1):
+        rollout_start = time.time()
+        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule): the
+        # first two rollouts use the initial params; the learner computes update k - 1 while rollout k runs.
+        if update != start_update + 2:
+            status[device_thread_id] = "waiting for parameters from the learner"
+            params = patiently(params_queue.get, stop, args.queue_timeout, "no parameters from the learner")
+            if params is None:
+                return
+        params_queue_get_time = time.time() - rollout_start
+        env_time = inference_time = 0.0
+        storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
+        finished = []  # (global step at its end, return, length) of every episode that ends in this unroll
+        status[device_thread_id] = "stepping its environments"
+        for t in range(args.num_steps):
+            if stop.is_set():
+                return
+            inference_start = time.time()
+            actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
+            actions = np.asarray(actions)
+            inference_time += time.time() - inference_start
+            storage["obs"].append(obs)
+            storage["actions"].append(actions)
+            storage["behaviour_logits"].append(logits)
+            storage["resets"].append(reset_next)
+            env_start = time.time()
+            obs, reward, terminated, truncated, info = envs.step(actions)
+            env_time += time.time() - env_start
+            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
+            storage["rewards"].append(reward)
+            storage["terminations"].append(terminated)
+            storage["truncations"].append(truncated)
+            episode_returns += reward
+            done = terminated | truncated
+            end_step = global_step + (t + 1) * steps_per_tick
+            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], info["elapsed_step"][done])]
+            episode_returns[done] = 0.0
+            reset_next = done
+        storage["obs"].append(obs)
+        global_step += args.num_steps * steps_per_tick
+        # Stack and send each learner device its share of the envs now, while the learner is busy.
+        device_put_start = time.time()
+        shards = {}
+        for name, values in storage.items():
+            values = np.stack([np.asarray(v) for v in values])
+            values = values.astype(learner_dtype(values.dtype))
+            shards[name] = [
+                jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
+            ]
+        device_put_time = time.time() - device_put_start
+        status[device_thread_id] = "waiting for the learner to take its rollout"
+        patiently(partial(rollout_queue.put, (global_step, shards)), stop, args.queue_timeout, "the learner took no rollout")
+        rollout_queue_put_time = time.time() - device_put_start - device_put_time
+        if device_thread_id == 0:
+            writer.add_scalar("stats/rollout_time", time.time() - rollout_start, global_step)
+            writer.add_scalar("stats/params_queue_get_time", params_queue_get_time, global_step)
+            writer.add_scalar("stats/env_time", env_time, global_step)
+            writer.add_scalar("stats/inference_time", inference_time, global_step)
+            writer.add_scalar("stats/device_put_time", device_put_time, global_step)
+            writer.add_scalar("stats/rollout_queue_put_time", rollout_queue_put_time, global_step)
+        for end_step, episodic_return, episodic_length in finished:  # every episode of every thread, at its own step
+            returned_episode_returns.append(episodic_return)
+            writer.add_scalar("charts/episodic_return", episodic_return, end_step)
+            writer.add_scalar("charts/episodic_length", episodic_length, end_step)
+        if device_thread_id == 0 and returned_episode_returns:
+            writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
+    status[device_thread_id] = "done"
+
+
+def actor_thread(errors: queue.Queue, **rollout_kwargs):
+    """Run `rollout`; any exception goes to `errors`, with which the learner stops the run instead of waiting forever."""
+    try:
+        rollout(**rollout_kwargs)
+    except BaseException as e:  # noqa: B902
+        errors.put((threading.current_thread().name, e))
+
+
+# =====================================================================================================================
+# TRY NOT TO MODIFY: shared plumbing (argument checks, the CPU convolution, memory, checkpoints and resume,
+# devices, logging, evaluation). Identical in the four scripts but where tests/test_siblings.py lists a difference:
+# change in all four.
+# =====================================================================================================================
+
+
+def check_args(args: Args):
+    """Fail before anything is written, with a message that says what to change."""
+    minatar_games = ("Breakout-MinAtar", "SpaceInvaders-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar")  # minatar_jax.GAMES
+    if not args.env_id.endswith("_jax") and args.env_id not in (*envpool.list_all_envs(), *minatar_games):
+        close = difflib.get_close_matches(args.env_id, (*envpool.list_all_envs(), *minatar_games), n=5)
+        raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool and MinAtar ids close to it: {close}")
+    if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
+        raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
+    if (args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)) % (2 * len(args.learner_device_ids)):
+        raise SystemExit("envs per process must split into two equal halves on every learner device")
+    if min(args.num_quantiles, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
+        raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
+        raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
+    if not 0 <= args.huber_kappa < np.inf:
+        raise SystemExit(f"--huber-kappa {args.huber_kappa}: must be >= 0 (0: the plain quantile loss of eq. 1)")
+    if args.log_frequency < 1 or args.eval_episodes < 1 or args.save_every < 0 or args.total_timesteps < 1:
+        raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
+        raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights & Biases: pip install wandb")
+    if not all(0 < x < np.inf for x in (args.learning_rate, args.rmsprop_eps, args.max_grad_norm, args.queue_timeout)):
+        raise SystemExit("--learning-rate, --rmsprop-eps, --max-grad-norm and --queue-timeout must be positive and finite")
+    if not 0 <= args.rmsprop_decay < 1:
+        raise SystemExit("--rmsprop-decay must lie in [0, 1)")
+    for name in ("actor_device_ids", "learner_device_ids"):
+        ids = getattr(args, name)
+        if not ids or min(ids) < 0 or len(set(ids)) < len(ids):
+            raise SystemExit(f"--{name.replace('_', '-')} {ids}: device indices must be >= 0 and distinct")
+    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id is not None):
+        raise SystemExit("--coordinator-address, --num-processes and --process-id go with --distributed")
+    run_root = "runs" if os.path.exists("runs") else "."
+    if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
+        raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
+    if args.resume and not os.access(os.path.dirname(os.path.abspath(args.resume)), os.W_OK):
+        raise SystemExit(f"cannot write the run directory of --resume {args.resume}")
+
+
+def canonical_conv(x, kernel, padding):
+    """Stride-1 convolution of NHWC `x` with an HWIO `kernel`; `padding`: (low, high) per spatial axis."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def flipped(kernel):
+    """The kernel of the transposed convolution: spatially flipped, input and output channels swapped."""
+    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+
+
+def transposed_padding(kernel, padding):
+    return tuple((size - 1 - low, size - 1 - high) for size, (low, high) in zip(kernel.shape[:2], padding))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_conv(x, kernel, padding):
+    """`canonical_conv` whose gradients of every order are canonical convolutions too.
+
+    XLA:CPU puts only the convolutions outside loops in the canonical form of its fast kernels; the gradient
+    convolutions that JAX emits run 10-30x slower inside the learner's scan over env chunks (jax#12868).
+    """
+    return canonical_conv(x, kernel, padding)
+
+
+def cpu_conv_fwd(x, kernel, padding):
+    return cpu_conv(x, kernel, padding), (x, kernel)
+
+
+def cpu_conv_bwd(padding, residuals, dy):
+    x, kernel = residuals
+    return cpu_conv(dy, flipped(kernel), transposed_padding(kernel, padding)), cpu_conv_kernel_grad(x, dy, padding)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_conv_kernel_grad(x, dy, padding):
+    """d <dy, cpu_conv(x, kernel)> / d kernel, as a canonical convolution whose channels are the batch axis."""
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    return canonical_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), ((0, 0), (0, 0))).transpose(1, 2, 0, 3)
+
+
+def cpu_conv_kernel_grad_fwd(x, dy, padding):
+    return cpu_conv_kernel_grad(x, dy, padding), (x, dy)
+
+
+def cpu_conv_kernel_grad_bwd(padding, residuals, d_kernel):
+    x, dy = residuals
+    return cpu_conv(dy, flipped(d_kernel), transposed_padding(d_kernel, padding)), cpu_conv(x, d_kernel, padding)
+
+
+cpu_conv.defvjp(cpu_conv_fwd, cpu_conv_bwd)
+cpu_conv_kernel_grad.defvjp(cpu_conv_kernel_grad_fwd, cpu_conv_kernel_grad_bwd)
 
 
 def available_memory(device: jax.Device) -> Optional[int]:
@@ -724,129 +880,12 @@ def evaluate(model_path: str, eval_episodes: int, seed: int = 0):
     return episodic_returns
 
 
-def patiently(operation, stop: threading.Event, timeout: float, what: str):
-    """Retry a blocking queue get or put every second until it succeeds; None once `stop` is set; TimeoutError after
-    `timeout` seconds, saying `what` did not come."""
-    start = time.time()
-    while not stop.is_set():
-        try:
-            return operation(timeout=1.0)
-        except (queue.Empty, queue.Full):
-            if time.time() - start > timeout:
-                raise TimeoutError(f"{what} for {timeout:g} s")
-    return None
-
-
-def rollout(
-    key: jax.random.PRNGKey,
-    args: Args,
-    rollout_queue: queue.Queue,
-    params_queue: queue.Queue,
-    writer: SummaryWriter,
-    learner_devices: Sequence[jax.Device],
-    device_thread_id: int,
-    actor_device: jax.Device,
-    start: Tuple[int, int],
-    returned_episode_returns: deque,
-    stop: threading.Event,
-    status: List[str],
-):
-    """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`,
-    from update and global step `start` until the last update or `stop`; `status[device_thread_id]` says what it does."""
-    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)
-    network = AgentNetwork(envs.action_space.n, args.num_quantiles, args.network)
-    num_envs = args.local_num_envs
-    # global steps per env step of this thread: every env of every actor thread of every process steps once meanwhile
-    steps_per_tick = num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
-
-    @jax.jit
-    def get_action(params, obs, key):
-        logits, _ = network.apply(params, obs)
-        key, subkey = jax.random.split(key)
-        return jax.random.categorical(subkey, logits), logits, key
-
-    episode_returns = np.zeros(num_envs)
-    obs, _ = envs.reset()
-    reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
-    start_update, global_step = start
-    for update in range(start_update + 1, args.num_updates + 1):
-        rollout_start = time.time()
-        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule): the
-        # first two rollouts use the initial params; the learner computes update k - 1 while rollout k runs.
-        if update != start_update + 2:
-            status[device_thread_id] = "waiting for parameters from the learner"
-            params = patiently(params_queue.get, stop, args.queue_timeout, "no parameters from the learner")
-            if params is None:
-                return
-        params_queue_get_time = time.time() - rollout_start
-        env_time = inference_time = 0.0
-        storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
-        finished = []  # (global step at its end, return, length) of every episode that ends in this unroll
-        status[device_thread_id] = "stepping its environments"
-        for t in range(args.num_steps):
-            if stop.is_set():
-                return
-            inference_start = time.time()
-            actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
-            actions = np.asarray(actions)
-            inference_time += time.time() - inference_start
-            storage["obs"].append(obs)
-            storage["actions"].append(actions)
-            storage["behaviour_logits"].append(logits)
-            storage["resets"].append(reset_next)
-            env_start = time.time()
-            obs, reward, terminated, truncated, info = envs.step(actions)
-            env_time += time.time() - env_start
-            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
-            storage["rewards"].append(reward)
-            storage["terminations"].append(terminated)
-            storage["truncations"].append(truncated)
-            episode_returns += reward
-            done = terminated | truncated
-            end_step = global_step + (t + 1) * steps_per_tick
-            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], info["elapsed_step"][done])]
-            episode_returns[done] = 0.0
-            reset_next = done
-        storage["obs"].append(obs)
-        global_step += args.num_steps * steps_per_tick
-        # Stack and send each learner device its share of the envs now, while the learner is busy.
-        device_put_start = time.time()
-        shards = {}
-        for name, values in storage.items():
-            values = np.stack([np.asarray(v) for v in values])
-            values = values.astype(learner_dtype(values.dtype))
-            shards[name] = [
-                jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
-            ]
-        device_put_time = time.time() - device_put_start
-        status[device_thread_id] = "waiting for the learner to take its rollout"
-        patiently(partial(rollout_queue.put, (global_step, shards)), stop, args.queue_timeout, "the learner took no rollout")
-        rollout_queue_put_time = time.time() - device_put_start - device_put_time
-        if device_thread_id == 0:
-            writer.add_scalar("stats/rollout_time", time.time() - rollout_start, global_step)
-            writer.add_scalar("stats/params_queue_get_time", params_queue_get_time, global_step)
-            writer.add_scalar("stats/env_time", env_time, global_step)
-            writer.add_scalar("stats/inference_time", inference_time, global_step)
-            writer.add_scalar("stats/device_put_time", device_put_time, global_step)
-            writer.add_scalar("stats/rollout_queue_put_time", rollout_queue_put_time, global_step)
-        for end_step, episodic_return, episodic_length in finished:  # every episode of every thread, at its own step
-            returned_episode_returns.append(episodic_return)
-            writer.add_scalar("charts/episodic_return", episodic_return, end_step)
-            writer.add_scalar("charts/episodic_length", episodic_length, end_step)
-        if device_thread_id == 0 and returned_episode_returns:
-            writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
-    status[device_thread_id] = "done"
-
-
-def actor_thread(errors: queue.Queue, *fn_args):
-    """Run `rollout`; any exception goes to `errors`, with which the learner stops the run instead of waiting forever."""
-    try:
-        rollout(*fn_args)
-    except BaseException as e:  # noqa: B902
-        errors.put((threading.current_thread().name, e))
-
+# =====================================================================================================================
+# MAIN: setup, actors, learner loop, shutdown.
+# =====================================================================================================================
 
 if __name__ == "__main__":
+    # --- setup: flags, signals, devices, the run directory, the train state, the compiled learner step, the writer
     sys.excepthook = report
     defaults = default_args(sys.argv[1:])
     args = tyro.cli(Args, default=defaults)
@@ -948,6 +987,7 @@ if __name__ == "__main__":
     def local_params(state):
         return jax.tree.map(lambda x: x.addressable_shards[0].data, state.params)
 
+    # --- actors: one thread per actor device and thread, each with its rollout and params queues
     rollout_queues, params_queues, actor_threads, errors = [], [], [], queue.Queue()
     actor_status = ["starting"] * (len(args.actor_device_ids) * args.num_actor_threads)
     for d_idx, d_id in enumerate(args.actor_device_ids):
@@ -959,20 +999,20 @@ if __name__ == "__main__":
             actor_threads.append(
                 threading.Thread(
                     target=actor_thread,
-                    args=(
-                        errors,
-                        thread_key,
-                        args,
-                        rollout_queues[-1],
-                        params_queues[-1],
-                        writer,
-                        learner_devices,
-                        d_idx * args.num_actor_threads + thread_id,
-                        local_devices[d_id],
-                        (start_update, global_step),
-                        returned_episode_returns,
-                        stop,
-                        actor_status,
+                    args=(errors,),
+                    kwargs=dict(
+                        key=thread_key,
+                        args=args,
+                        rollout_queue=rollout_queues[-1],
+                        params_queue=params_queues[-1],
+                        writer=writer,
+                        learner_devices=learner_devices,
+                        device_thread_id=d_idx * args.num_actor_threads + thread_id,
+                        actor_device=local_devices[d_id],
+                        start=(start_update, global_step),
+                        returned_episode_returns=returned_episode_returns,
+                        stop=stop,
+                        status=actor_status,
                     ),
                     name=f"actor thread {len(actor_threads)}",
                     daemon=True,
@@ -1014,6 +1054,7 @@ if __name__ == "__main__":
             returns=np.asarray(returned_episode_returns, np.float64),
         )
 
+    # --- learner loop: one update per round of rollouts, the new params to the actors, logs and checkpoints
     start_time, start_step = time.time(), global_step
     learner_time = learner_wait_time = 0.0  # since the last log
     update = last_log = start_update
@@ -1025,11 +1066,11 @@ if __name__ == "__main__":
         update += 1
         global_step = items[0][0]
         update_start = time.time()
-        agent_state, metrics = update_fn(agent_state, shard_batch([shards for _, shards in items]))
+        agent_state, metrics, checks = update_fn(agent_state, shard_batch([shards for _, shards in items]))
         jax.block_until_ready(metrics)
         learner_wait_time += update_start - wait_start
         learner_time += time.time() - update_start
-        failed = [name for name, bad in jax.device_get(metrics.pop("non_finite")).items() if bad]
+        failed = [name for name, bad in jax.device_get(checks["non_finite"]).items() if bad]
         if failed:
             last = checkpoint_path if os.path.exists(checkpoint_path) else "none was written"
             raise SystemExit(
@@ -1061,6 +1102,7 @@ if __name__ == "__main__":
         if args.save_every and update % args.save_every == 0 and jax.process_index() == 0:
             save_checkpoint(checkpoint_path, args, **training_state())
 
+    # --- shutdown: the last checkpoint, the exit code of a stop signal, the evaluation of --save-model
     if jax.process_index() == 0:
         save_checkpoint(checkpoint_path, args, **training_state())
         print(f"checkpoint saved to {checkpoint_path}")

@@ -15,13 +15,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import drmg  # noqa: E402
-import mg  # noqa: E402
-import qr_impala  # noqa: E402
-import stacx  # noqa: E402
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from helpers import IMPALA_FAMILY as MODULES  # noqa: E402  (the one registry of the scripts)
 
-MODULES = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
+mg, qr_impala, stacx = MODULES["mg"], MODULES["qr_impala"], MODULES["stacx"]
 
 
 def environment(env_id: str):

@@ -72,16 +72,16 @@ def binned(steps: np.ndarray, values: np.ndarray, bin_steps: int, num_bins: int)
 
 
 def meta_parameters(runs: List[dict]) -> dict:
-    """{name: (steps, [entries, steps] mean over runs)}: meta/x/qNN entries stacked, scalars as one entry."""
+    """{name: (steps, [entries, steps] mean over runs)}: meta/x/qNN and meta/x/hK entries stacked, scalars as one entry."""
     names = defaultdict(set)
     for scalars in runs:
         for tag in scalars:
-            match = re.fullmatch(r"meta/([^/]+)(?:/q(\d+))?", tag)
+            match = re.fullmatch(r"meta/([^/]+)(?:/([qh])(\d+))?", tag)  # per quantile (drmg.py) or per head (stacx.py)
             if match and match.group(1) != "grad_norm":
-                names[match.group(1)].add(int(match.group(2)) if match.group(2) else -1)
+                names[match.group(1)].add((match.group(2), int(match.group(3))) if match.group(2) else ("", -1))
     result = {}
     for name, entries in sorted(names.items()):
-        tags = [f"meta/{name}" if e < 0 else f"meta/{name}/q{e:02d}" for e in sorted(entries)]
+        tags = [f"meta/{name}" if e < 0 else f"meta/{name}/q{e:02d}" if kind == "q" else f"meta/{name}/h{e}" for kind, e in sorted(entries)]
         present = [scalars for scalars in runs if all(t in scalars for t in tags)]
         length = min(len(scalars[tags[0]][0]) for scalars in present)
         steps = present[0][tags[0]][0][:length]

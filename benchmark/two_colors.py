@@ -31,22 +31,19 @@ Run (matplotlib, from requirements.txt, is imported only for the plot):
 """
 
 import csv
-import glob
-import importlib
 import os
 import shlex
-import subprocess
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import List
 
 import numpy as np
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from grid import ROOT, binned, episodic_returns, eta_mismatch, initial_eta, latest_log, run_commands  # noqa: E402
+
 LABELS = {"drmg": "DrMG", "mg": "MG", "qr": "QR", "drmg_bmg": "DrMG + BMG (L=3)", "drmg_bmg1": "DrMG + BMG (L=1)"}
 # agent: (script, its own flags). MG's fixed loss weights are DrMG's initial ones, weight_init 0.99 times w'.
 AGENTS = {
@@ -99,19 +96,6 @@ def run_dir_of(args: Args, algorithm: str, seed: int) -> str:
     return os.path.join(args.runs_dir, f"{algorithm}_seed{seed}")
 
 
-def episodic_returns(work_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """(global steps, episodic returns) of the latest TensorBoard log under work_dir/runs."""
-    logs = sorted(glob.glob(os.path.join(work_dir, "runs", "*")), key=os.path.getmtime)
-    if not logs:
-        return np.zeros(0), np.zeros(0)
-    accumulator = EventAccumulator(logs[-1], size_guidance={"scalars": 0})
-    accumulator.Reload()
-    if "charts/episodic_return" not in accumulator.Tags()["scalars"]:
-        return np.zeros(0), np.zeros(0)
-    events = accumulator.Scalars("charts/episodic_return")
-    return np.array([e.step for e in events]), np.array([e.value for e in events])
-
-
 def script_flags(args: Args, algorithm: str) -> tuple[str, list[str]]:
     """(script, flags) of an agent, without seed and budget."""
     script, own = AGENTS[algorithm]
@@ -127,35 +111,13 @@ def command(args: Args, algorithm: str, seed: int) -> list[str]:
     ]
 
 
-def initial_eta(script: str, flags: list[str]) -> dict:
-    """The eta an agent starts from, read from the script's own Args and meta-parameter functions: gamma, lambda, alpha
-    (1 where the return has no leaky v-trace) and the loss weights w_value, w_pi, w_entropy (one number each)."""
-    sys.path.insert(0, ROOT)
-    module = importlib.import_module(script)
-    script_args = tyro.cli(module.Args, args=flags)
-    eta = {k: np.asarray(v) for k, v in module.hyperparameters(module.init_meta_params(script_args), script_args).items()}
-    for name, value in eta.items():  # per-quantile entries all start equal
-        assert np.all(value == value.flat[0]), (script, name)
-    eta = {k: float(v.flat[0]) for k, v in eta.items()}
-    return dict(
-        gamma=eta["gamma"],
-        lambda_=eta["lambda_"],
-        alpha=eta.get("alpha", 1.0),
-        w_value=eta["w_z"] if "w_z" in eta else eta["w_v"],
-        w_pi=eta["w_pi"],
-        w_entropy=eta["w_h"],
-    )
-
-
 def check_initial_eta(args: Args):
     """The agents launched must start from the same eta (MG without alpha); stop with one line otherwise."""
     etas = {algorithm: initial_eta(*script_flags(args, algorithm)) for algorithm in args.algorithms}
     reference = etas.get("drmg", initial_eta(*script_flags(args, "drmg")))
-    for algorithm, eta in etas.items():
-        compared = [k for k in eta if not (algorithm == "mg" and k == "alpha")]  # MG has no leaky v-trace
-        differs = [k for k in compared if not np.isclose(eta[k], reference[k], rtol=1e-6)]
-        if differs:
-            raise SystemExit(f"{algorithm} does not start from DrMG's eta: {differs} ({eta} vs {reference})")
+    mismatch = eta_mismatch(etas, reference, no_alpha=("mg",))  # MG has no leaky v-trace
+    if mismatch:
+        raise SystemExit(mismatch)
     return etas
 
 
@@ -169,46 +131,17 @@ def run_missing(args: Args):
                 todo.append((algorithm, seed))
     env = dict(os.environ, TWO_COLORS_TOGGLE_PERIOD=str(args.toggle_period), JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    running = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            algorithm, seed = todo.pop(0)
-            work_dir = run_dir_of(args, algorithm, seed)
-            os.makedirs(work_dir, exist_ok=True)
-            cmd = command(args, algorithm, seed)
-            print(f"[{time.strftime('%H:%M:%S')}] start {algorithm} seed {seed}: {' '.join(cmd)}", flush=True)
-            log = open(os.path.join(work_dir, "stdout.log"), "w")
-            running.append(
-                (
-                    algorithm,
-                    seed,
-                    time.time(),
-                    log,
-                    subprocess.Popen(cmd, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT),
-                )
-            )
-        time.sleep(2)
-        for item in list(running):
-            algorithm, seed, start, log, process = item
-            if process.poll() is not None:
-                log.close()
-                running.remove(item)
-                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}), see {log.name}"
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] {status}: {algorithm} seed {seed} in {time.time() - start:.0f} s",
-                    flush=True,
-                )
+    jobs = [(f"{a} seed {s}", command(args, a, s), run_dir_of(args, a, s)) for a, s in todo]
+    run_commands(jobs, args.jobs, env)
 
 
 def eta_movement(work_dir: str, args: Args) -> dict:
     """How fast eta moves in a run, from its meta/ scalars (sigmoids): for gamma, lambda, alpha and the loss weights
     (each divided by its initial value), the path length sum |change| per 1e5 steps and the distance |final - initial|,
     averaged over a vector's per-quantile entries; empty for a run that meta-learns nothing."""
-    logs = sorted(glob.glob(os.path.join(work_dir, "runs", "*")), key=os.path.getmtime)
-    if not logs:
+    accumulator = latest_log(work_dir)
+    if accumulator is None:
         return {}
-    accumulator = EventAccumulator(logs[-1], size_guidance={"scalars": 0})
-    accumulator.Reload()
     groups = {}
     for tag in accumulator.Tags()["scalars"]:
         parts = tag.split("/")
@@ -220,17 +153,6 @@ def eta_movement(work_dir: str, args: Args) -> dict:
         row[f"{name}_path"] = np.mean(np.sum(np.abs(np.diff(curves, axis=1)), axis=1)) * 100_000 / args.total_timesteps
         row[f"{name}_moved"] = np.mean(np.abs(curves[:, -1] - curves[:, 0]))
     return row if any(row[k] != 0 for k in row if k.endswith("_path")) else {}
-
-
-def binned(steps: np.ndarray, values: np.ndarray, bin_steps: int, total: int) -> np.ndarray:
-    """Mean of the values logged in each bin [k * bin_steps, (k + 1) * bin_steps); NaN where none was."""
-    num_bins = total // bin_steps
-    index = np.minimum(steps // bin_steps, num_bins - 1).astype(int)
-    sums, counts = np.zeros(num_bins), np.zeros(num_bins)
-    np.add.at(sums, index, values)
-    np.add.at(counts, index, 1)
-    with np.errstate(invalid="ignore"):
-        return sums / counts
 
 
 def toggle_measures(curve: np.ndarray, args: Args) -> list[dict]:

@@ -17,7 +17,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import drmg
+import mg
+import qr_impala
+import stacx
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The IMPALA-family scripts, {name: module}: the one registry of the tests and of benchmark/.
+IMPALA_FAMILY = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
 NUM_ACTIONS = 3  # of make_rollout's and make_states' agents
 T, B = 9, 4  # make_unroll's steps and envs
 

@@ -2,8 +2,6 @@
 target bootstrap against a plain loop of optax steps, --bmg-steps 0 as the eq. 14 update, two devices, learning, smoke."""
 
 import dataclasses
-import os
-import sys
 from functools import partial
 
 import jax
@@ -13,7 +11,6 @@ import optax
 import pytest
 import tyro
 from helpers import (
-    ROOT,
     check_two_devices_give_the_single_device_meta_step,
     make_small_rollout,
     make_states,
@@ -236,7 +233,6 @@ def test_bmg_smoke_run_on_breakout(tmp_path):
 
 
 def test_two_colors_benchmark_launches_bmg_from_drmgs_eta():
-    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
     import two_colors
 
     args = two_colors.Args(algorithms=["drmg", "drmg_bmg", "qr"])

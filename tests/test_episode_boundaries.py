@@ -25,18 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import drmg
 import mg
 import mix_metagrad
-import qr_impala
 import snake_jax
-import stacx
+from helpers import IMPALA_FAMILY as MODULES
+from helpers import ROOT
+from learner_setup import learner, script_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from learner_setup import learner, script_args  # noqa: E402
-
-MODULES = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
 T, B, OBS_DIM, NUM_ACTIONS = 12, 2, 6, 3
 # (env, first step, last step, how the piece ends); steps not in a piece are EnvPool reset steps (env 0: 4 and 9, env 1: 0)
 PIECES = [(0, 0, 3, "terminated"), (0, 5, 8, "truncated"), (0, 10, 11, "open"), (1, 1, 11, "terminated")]

@@ -17,17 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, only_run_dir, run_script, scalars, script_env
+from helpers import IMPALA_FAMILY, ROOT, only_run_dir, run_script, scalars, script_env
 from learner_setup import learner, script_args
 
 import drmg
-import mg
 import mix_metagrad
 import qr_impala
-import stacx
 
 CARTPOLE = ["--env-id", "CartPole-v1", "--local-num-envs", "4", "--num-steps", "8", "--log-frequency", "2"]
-IMPALA_FAMILY = {"qr_impala": qr_impala, "drmg": drmg, "mg": mg, "stacx": stacx}
 
 
 def checkpoint_of(run_dir, script):

@@ -179,13 +179,14 @@ def test_meta_learn_none_is_one_impala_step_on_the_whole_batch():
     agent_state = make_states(mg, args, rollout)
     meta_state = TrainState.create(apply_fn=None, params=mg.init_meta_params(args), tx=mg.make_meta_optimizer(args))
     step = jax.jit(lambda a, m, r: mg.learner_step(a, m, r, args, axis_name=None))
-    new_state, new_meta_state, metrics = step(agent_state, meta_state, rollout)
+    new_state, new_meta_state, metrics, checks = step(agent_state, meta_state, rollout)
     eta = mg.hyperparameters(meta_state.params, args)
     grads = jax.grad(lambda p: mg.impala_loss(p, agent_state.apply_fn, rollout, eta, args)[0])(agent_state.params)
     expected = agent_state.apply_gradients(grads=grads)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_state.params, expected.params)
     jax.tree.map(np.testing.assert_array_equal, new_meta_state.params, meta_state.params)
     assert "meta_grad_norm" not in metrics and set(metrics["meta"]) == {"gamma", "lambda_"}
+    assert checks["saturated"] == {} and not any(jax.device_get(checks["non_finite"]).values())
 
 
 def test_two_device_meta_step_equals_single_device_meta_step():

@@ -27,6 +27,7 @@ from helpers import (
     vtrace_oracle_batch,
 )
 
+import plot
 import stacx
 
 NUM_HEADS = 3
@@ -200,7 +201,7 @@ def test_meta_learn_none_is_one_step_on_the_whole_batch():
     agent_state = make_states(stacx, args, rollout)
     meta_state = TrainState.create(apply_fn=None, params=stacx.init_meta_params(args), tx=stacx.make_meta_optimizer(args))
     step = jax.jit(lambda a, m, r: stacx.learner_step(a, m, r, args, axis_name=None))
-    new_state, new_meta_state, metrics = step(agent_state, meta_state, rollout)
+    new_state, new_meta_state, metrics, checks = step(agent_state, meta_state, rollout)
     eta = stacx.hyperparameters(meta_state.params, args)
     loss = lambda p: stacx.impala_loss(p, agent_state.apply_fn, rollout, eta, args, NUM_HEADS)[0]  # noqa: E731
     expected = agent_state.apply_gradients(grads=jax.grad(loss)(agent_state.params))
@@ -214,16 +215,22 @@ def test_two_device_meta_step_equals_single_device_meta_step():
     check_two_devices_give_the_single_device_meta_step(stacx, stacx.Args(num_heads=NUM_HEADS), halves=False)
 
 
-def test_learns_cartpole_and_every_head_meta_parameter_is_logged(tmp_path):
-    logged, _ = learn_cartpole(tmp_path, "stacx.py", 150000, "1e-3", "--save-model", "--eval-episodes", "3")
+def test_learns_cartpole_and_every_head_meta_parameter_is_logged_and_plotted(tmp_path):
+    logged, run_dir = learn_cartpole(tmp_path, "stacx.py", 150000, "1e-3", "--save-model", "--eval-episodes", "3")
     returns = logged["charts/avg_episodic_return_last100"]
     assert returns[-1] >= 150, returns[-10:]
     names = ["gamma", "lambda", "g_v", "g_p", "g_e", "alpha_rho", "alpha_c"]
-    assert {f"meta/head{k}/{n}" for k in range(3) for n in names} <= set(logged)
-    for tag in [t for t in logged if t.startswith("meta/head")]:
+    assert {f"meta/{n}/h{k}" for k in range(3) for n in names} <= set(logged)
+    for tag in [t for t in logged if t.startswith("meta/")]:
         assert np.all(np.isfinite(logged[tag])), tag
-    assert abs(logged["meta/head0/gamma"][-1] - 0.99) > 1e-5 and abs(logged["meta/head1/g_p"][-1] - 0.99) > 1e-5
+    assert abs(logged["meta/gamma/h0"][-1] - 0.99) > 1e-5 and abs(logged["meta/g_p/h1"][-1] - 0.99) > 1e-5
     assert len(logged["eval/episodic_return"]) == 3
+    # benchmark/plot.py stacks the heads of each meta-parameter, in head order, as it stacks drmg.py's quantiles
+    meta = plot.meta_parameters([plot.read_scalars(run_dir)])
+    assert set(meta) == set(names)
+    steps, gammas = meta["gamma"]
+    assert gammas.shape == (3, len(steps))
+    np.testing.assert_allclose(gammas[:, -1], [logged[f"meta/gamma/h{k}"][-1] for k in range(3)], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -232,8 +239,8 @@ def test_learns_cartpole_and_every_head_meta_parameter_is_logged(tmp_path):
 )
 def test_smoke_run(tmp_path, env_id, variant):
     logged = smoke_run(tmp_path, "stacx.py", env_id, *variant)
-    assert "meta/head0/gamma" in logged
-    assert ("meta/head1/gamma" in logged) == ("--num-heads" not in variant)
+    assert "meta/gamma/h0" in logged
+    assert ("meta/gamma/h1" in logged) == ("--num-heads" not in variant)
     assert ("meta/grad_norm" in logged) == ("none" not in variant)
 
 

@@ -417,7 +417,6 @@ def test_qr_impala_smoke_run(tmp_path, monkeypatch):
 def test_figure_1_baselines_start_from_drmgs_eta():
     """benchmark/two_colors.py launches QR as DrMG({}) and MG with DrMG's initial gamma, lambda and loss weights; its
     check stops a comparison whose baselines start elsewhere."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
     import two_colors
 
     etas = two_colors.check_initial_eta(two_colors.Args())
