@@ -140,6 +140,8 @@ def check_args(args: Args):
         raise SystemExit(f"--env-id {args.env_id}: only snake_jax, a pure JAX game whose state the look-ahead rollouts copy")
     if args.inner_steps < 0:
         raise SystemExit("--inner-steps must be >= 0 (0: fixed hyperparameters)")
+    if args.max_episode_steps < 1:
+        raise SystemExit("--max-episode-steps must be >= 1")
     if args.mix and args.inner_steps < 1:
         raise SystemExit("--mix needs --inner-steps >= 1")
     if args.kappa is not None and not (0 <= args.kappa <= 1):
@@ -330,6 +332,18 @@ def mixing_weights(n: int, kappa: Optional[float] = None, mix: bool = True) -> n
     return weights / weights.sum()
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm, whose derivative stays finite at a zero gradient (optax's is NaN there: the norm's
+    square root): a meta-gradient differentiates through this step, and a batch of reset steps alone has gradient 0.
+    The norm gets 1e-30 under its root, below float32's resolution of any gradient that is not 0: the same values."""
+
+    def update(updates, state, params=None):
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(updates)) + 1e-30)
+        return jax.tree.map(lambda t: jnp.where(norm < max_norm, t, (t / norm) * max_norm), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(args: Args):
     """Adam with eps_root > 0 (a finite second derivative for the meta-gradient), global-norm clipping, linear annealing."""
 
@@ -339,7 +353,7 @@ def make_optimizer(args: Args):
 
     learning_rate = linear_schedule if args.anneal_lr else args.learning_rate
     return optax.chain(
-        optax.clip_by_global_norm(args.max_grad_norm),
+        clip_by_global_norm(args.max_grad_norm),
         optax.adam(learning_rate, eps=args.adam_eps, eps_root=args.adam_eps_root),
     )
 

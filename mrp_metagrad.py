@@ -204,11 +204,14 @@ def report(kind, error, traceback):
     sys.__excepthook__(kind, error, traceback)
 
 
-if __name__ == "__main__":
-    sys.excepthook = report
-    args = tyro.cli(Args)
+def check_args(args: Args):
+    """Fail before anything is written, with a message that says what to change."""
+    if not args.inner_steps:
+        raise SystemExit("--inner-steps: give at least one n")
     if min(args.num_updates, args.batch_size, args.mc_samples, *args.inner_steps) < 1 or not 0 < args.gamma < 1:
         raise SystemExit("--num-updates, --batch-size, --mc-samples and --inner-steps must be positive; --gamma in (0, 1)")
+    if not (np.isfinite(args.even_reward) and 0 <= args.noise_std < np.inf):
+        raise SystemExit("--even-reward must be finite and --noise-std >= 0 and finite")
     if args.adam_eps_root <= 0:
         raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
     if not (0 < args.learning_rate < np.inf and 0 < args.meta_learning_rate < np.inf):
@@ -220,6 +223,12 @@ if __name__ == "__main__":
     run_root = "runs" if os.path.exists("runs") else "."
     if not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
         raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
+
+
+if __name__ == "__main__":
+    sys.excepthook = report
+    args = tyro.cli(Args)
+    check_args(args)
     stop_signal = []  # SIGINT, SIGTERM: finish the current n (one jitted run), write what is done, exit 128 + signum
 
     def request_stop(signum, frame):

@@ -460,11 +460,23 @@ def learning_rate(args: Args, count):
     return args.learning_rate * (1.0 - count / args.num_updates) if args.anneal_lr else args.learning_rate
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm, whose derivative stays finite at a zero gradient (optax's is NaN there: the norm's
+    square root): a meta-gradient differentiates through this step, and a batch of reset steps alone has gradient 0.
+    The norm gets 1e-30 under its root, below float32's resolution of any gradient that is not 0: the same values."""
+
+    def update(updates, state, params=None):
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(updates)) + 1e-30)
+        return jax.tree.map(lambda t: jnp.where(norm < max_norm, t, (t / norm) * max_norm), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(args: Args):
     """The agent's optimiser: RMSProp on the globally clipped gradient."""
     schedule = partial(learning_rate, args) if args.anneal_lr else args.learning_rate
     return optax.chain(
-        optax.clip_by_global_norm(args.max_grad_norm),
+        clip_by_global_norm(args.max_grad_norm),
         optax.rmsprop(schedule, decay=args.rmsprop_decay, eps=args.rmsprop_eps),
     )
 
@@ -659,6 +671,8 @@ def check_args(args: Args):
     if not args.env_id.endswith("_jax") and args.env_id not in (*envpool.list_all_envs(), *minatar_games):
         close = difflib.get_close_matches(args.env_id, (*envpool.list_all_envs(), *minatar_games), n=5)
         raise SystemExit(f"unknown --env-id {args.env_id!r}; EnvPool and MinAtar ids close to it: {close}")
+    if args.env_id.endswith("_jax") and not args.env_id.isidentifier():
+        raise SystemExit(f"--env-id {args.env_id!r}: a JAX environment is a module name, without dots or a path")
     if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
         raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
     if (args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)) % (2 * len(args.learner_device_ids)):
@@ -669,6 +683,14 @@ def check_args(args: Args):
         raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
     if not 0 <= args.huber_kappa < np.inf:
         raise SystemExit(f"--huber-kappa {args.huber_kappa}: must be >= 0 (0: the plain quantile loss of eq. 1)")
+    if not all(0 < x < np.inf for x in (args.rho_bar, args.c_bar, args.pg_rho_bar)):
+        raise SystemExit("--rho-bar, --c-bar and --pg-rho-bar must be positive and finite")
+    if not all(0 <= x < np.inf for x in (args.value_coef, args.policy_coef, args.ent_coef, args.memory_limit_gib)):
+        raise SystemExit("--value-coef, --policy-coef, --ent-coef and --memory-limit-gib must be >= 0 and finite")
+    if args.chunk_envs < 0:
+        raise SystemExit(f"--chunk-envs {args.chunk_envs}: must be >= 0 (0: the whole batch at once)")
+    if args.noop_max < 0 or args.envpool_threads < 0 or args.max_episode_steps < 1:
+        raise SystemExit("--noop-max and --envpool-threads must be >= 0 and --max-episode-steps >= 1")
     if args.log_frequency < 1 or args.eval_episodes < 1 or args.save_every < 0 or args.total_timesteps < 1:
         raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
@@ -787,13 +809,40 @@ def local_copy(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)
 
 
+# Which script wrote a checkpoint, and in which format (raise it when what save_checkpoint writes changes).
+SCRIPT = os.path.basename(__file__)
+CHECKPOINT_FORMAT = 1
+
+
+class ForeignCheckpoint(ValueError):
+    """A checkpoint that another script wrote, or this one in another format."""
+
+
+def make_run_dir(run_name: str, create: bool = True) -> str:
+    """runs/{run_name}, created here and by no other run: if another run has taken the name (the same flags started in
+    the same second), runs/{run_name}-2, -3, ..., said in one line. Only the process that writes creates it."""
+    path = os.path.join("runs", run_name)
+    if not create:
+        return path
+    os.makedirs("runs", exist_ok=True)
+    for k in range(2, 10_000):
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            taken, path = path, os.path.join("runs", f"{run_name}-{k}")
+            print(f"{taken} is another run's: this run writes to {path}")
+    raise SystemExit(f"no free run directory for {run_name} in runs/")
+
+
 def save_checkpoint(path: str, args: Args, **state):
     """Write args and `state` (train states, update, global step, keys, returns) atomically: a crash or a full disk
     mid-write leaves the previous checkpoint intact and no partial file."""
     tmp_path = f"{path}.tmp"
     try:
         with open(tmp_path, "wb") as f:
-            f.write(flax.serialization.to_bytes(dict(local_copy(state), args=json.dumps(asdict(args)))))
+            saved = dict(local_copy(state), args=json.dumps(asdict(args)), script=SCRIPT, format=CHECKPOINT_FORMAT)
+            f.write(flax.serialization.to_bytes(saved))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -804,9 +853,15 @@ def save_checkpoint(path: str, args: Args, **state):
 
 
 def load_checkpoint(path: str) -> dict:
-    """What `save_checkpoint` wrote, as state dicts, with `args` an Args."""
+    """What `save_checkpoint` wrote, as state dicts, with `args` an Args; ForeignCheckpoint if this script did not write
+    it, or wrote it in another format."""
     with open(path, "rb") as f:
         saved = flax.serialization.msgpack_restore(f.read())
+    script = saved.get("script", "another program") if isinstance(saved, dict) else "another program"
+    if script != SCRIPT:
+        raise ForeignCheckpoint(f"it was written by {script}")
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ForeignCheckpoint(f"it has format {saved.get('format')}, this {SCRIPT} reads format {CHECKPOINT_FORMAT}")
     return dict(saved, args=Args(**json.loads(saved["args"])))
 
 
@@ -829,8 +884,10 @@ def resume_args(args: Args, defaults: Args):
     A flag counts as given where it differs from `defaults`."""
     try:
         saved = load_checkpoint(args.resume)
-    except Exception as e:  # noqa: B902 (a missing file, another format, another script's flags)
-        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {os.path.basename(__file__)} ({e})") from None
+    except ForeignCheckpoint as e:
+        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT}: {e}") from None
+    except Exception as e:  # noqa: B902 (a missing file, not a checkpoint at all, another script's flags)
+        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT} ({e})") from None
     for name, value in asdict(args).items():
         if name not in RESUME_FLAGS and value != getattr(defaults, name) and value != getattr(saved["args"], name):
             raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
@@ -917,12 +974,7 @@ if __name__ == "__main__":
         jax.devices()[d + p * len(local_devices)] for p in range(args.world_size) for d in args.learner_device_ids
     ]
     mesh = Mesh(np.array(global_learner_devices), ("learner",))
-    run_dir = (
-        os.path.dirname(args.resume)
-        if args.resume
-        else f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    )
-    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     key = jax.random.PRNGKey(args.seed)
     key, network_key, actor_key = jax.random.split(key, 3)
@@ -950,8 +1002,13 @@ if __name__ == "__main__":
     memory = check_learner_memory(update_fn, args, learner_devices)
     if stop.is_set():
         raise SystemExit(128 + stop_signal[0])
+    # Created only now that the startup checks have passed, and exclusively: simultaneous runs never share one.
+    run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(run_name, jax.process_index() == 0)
+    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
     print(f"run {run_dir}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
     print(memory)
+    if args.total_timesteps < args.batch_size:
+        print(f"--total-timesteps {args.total_timesteps} is less than one batch: the run makes 1 update of {args.batch_size} steps")
     if saved:
         print(f"resumed from {args.resume} at update {start_update}, global step {global_step}; environments restart")
 

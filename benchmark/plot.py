@@ -91,6 +91,8 @@ def meta_parameters(runs: List[dict]) -> dict:
 
 
 def main(args: Args):
+    if not args.dirs:
+        raise SystemExit("usage: python benchmark/plot.py RUN_DIR_OR_PARENT [...] [--labels ...] [--out PREFIX] (--help)")
     if args.labels and len(args.labels) != len(args.dirs):
         raise SystemExit(f"--labels: {len(args.labels)} labels for {len(args.dirs)} directories")
     groups = defaultdict(dict)  # label: {run directory: scalars}
@@ -100,7 +102,10 @@ def main(args: Args):
             raise SystemExit(f"{path}: no TensorBoard event files under it")
         for run_dir in found:
             groups[args.labels[i] if args.labels else group_of(run_dir)][run_dir] = read_scalars(run_dir)
-    last = max(s[args.tag][0].max() for runs in groups.values() for s in runs.values() if args.tag in s)
+    logged = [s[args.tag][0].max() for runs in groups.values() for s in runs.values() if args.tag in s]
+    if not logged:
+        raise SystemExit(f"no run under {args.dirs} logged {args.tag}")
+    last = max(logged)
     bin_steps = args.bin_steps or max(1, int(np.ceil((last + 1) / 100)))
     num_bins = int(last // bin_steps) + 1
     centres = (np.arange(num_bins) + 0.5) * bin_steps

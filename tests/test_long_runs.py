@@ -10,14 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
+from functools import partial
 from types import SimpleNamespace
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from helpers import IMPALA_FAMILY, ROOT, only_run_dir, run_script, scalars, script_env
+from flax.training.train_state import TrainState
+from helpers import IMPALA_FAMILY, ROOT, make_small_rollout, make_states, only_run_dir, run_script, scalars, script_env
 from learner_setup import learner, script_args
 
 import drmg
@@ -226,6 +229,12 @@ BAD_FLAGS = [
     (["--process-id", "1"], "go with --distributed"),
     (["--resume", "missing.flax_model"], "not a checkpoint of"),
     (["--resume", "garbage.flax_model"], "not a checkpoint of"),
+    (["--chunk-envs", "-2"], "--chunk-envs -2: must be >= 0"),
+    (["--env-id", "Pong-v5", "--noop-max", "-1"], "--noop-max and --envpool-threads must be >= 0"),
+    (["--envpool-threads", "-1"], "--noop-max and --envpool-threads must be >= 0"),
+    (["--max-episode-steps", "0"], "--max-episode-steps >= 1"),
+    (["--env-id", "os.x_jax"], "a JAX environment is a module name, without dots"),
+    (["--env-id", "evil.x_jax"], "a JAX environment is a module name, without dots"),
 ]
 
 
@@ -260,10 +269,99 @@ def test_the_siblings_check_their_flags_too(tmp_path, monkeypatch, script):
     (tmp_path / "runs").write_text("a file where the run directory should be")
     cases = [(["--meta-learning-rate", "0"], "--meta-learning-rate"), ([], "is not a writable directory")]
     cases += [(["--huber-kappa", "-0.5"], "--huber-kappa")] if script == "drmg" else []
+    cases += [(["--chunk-envs", "-1"], "--chunk-envs -1: must be >= 0")] if script != "mix_metagrad" else []
     env_id = "snake_jax" if script == "mix_metagrad" else "CartPole-v1"  # mix_metagrad runs on snake_jax only
     for flags, message in cases:
         assert message in refusal(tmp_path, monkeypatch, script, *flags, "--env-id", env_id)
     assert os.listdir(tmp_path) == ["runs"]
+
+
+@pytest.mark.parametrize("name", IMPALA_FAMILY)
+def test_the_gradient_clip_is_optaxs_with_a_finite_derivative_at_zero(name):
+    clip, reference = IMPALA_FAMILY[name].clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    rng = np.random.default_rng(0)
+    for scale in [1e-3, 0.3, 2.0, 50.0]:  # below and above the threshold
+        grads = {"a": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32), "b": jnp.asarray(rng.normal(size=5) * scale, jnp.float32)}
+        jax.tree.map(np.testing.assert_array_equal, clip.update(grads, clip.init(grads))[0], reference.update(grads, reference.init(grads))[0])
+
+    def through(tx, g):
+        return jnp.sum(tx.update({"a": g}, tx.init({"a": g}))[0]["a"])
+
+    zeros = jnp.zeros(3)
+    np.testing.assert_array_equal(jax.grad(partial(through, clip))(zeros), [1.0, 1.0, 1.0])
+    assert np.all(np.isnan(jax.grad(partial(through, reference))(zeros)))  # optax's: what a meta-gradient met
+
+
+@pytest.mark.parametrize("name", ["drmg", "mg", "stacx"])
+def test_a_half_batch_of_reset_steps_alone_gives_a_finite_meta_step(name, monkeypatch):
+    """Its inner gradient is 0 (every entry is masked out), and the meta-gradient differentiates the update there: with
+    optax's clip that was NaN (drmg.py --num-steps 1 stopped at update 89)."""
+    module = IMPALA_FAMILY[name]
+    args = module.Args(num_quantiles=4) if name == "drmg" else module.Args(two_halves=True) if name == "stacx" else module.Args()
+    rollout = make_small_rollout(module)
+    resets = np.array(rollout.resets)
+    resets[:, :2] = 1.0  # the first half tau1: reset steps only
+    rollout = jax.tree.map(jnp.asarray, rollout._replace(resets=resets))
+
+    def meta_step_checks():
+        agent_state = make_states(module, args, rollout)
+        meta_state = TrainState.create(apply_fn=None, params=module.init_meta_params(args), tx=module.make_meta_optimizer(args))
+        return jax.device_get(module.learner_step(agent_state, meta_state, rollout, args, axis_name=None)[3]["non_finite"])
+
+    assert not any(meta_step_checks().values())
+    monkeypatch.setattr(module, "clip_by_global_norm", optax.clip_by_global_norm)  # the clip it had: the check can fail
+    assert meta_step_checks()["meta_gradients"]
+
+
+@pytest.mark.parametrize("writer", IMPALA_FAMILY)
+def test_a_checkpoint_is_refused_by_every_other_script_with_the_name_of_its_own(tmp_path, writer):
+    path = str(tmp_path / "model.flax_model")
+    IMPALA_FAMILY[writer].save_checkpoint(path, IMPALA_FAMILY[writer].Args(), update=1)
+    assert int(IMPALA_FAMILY[writer].load_checkpoint(path)["update"]) == 1
+    for reader, module in IMPALA_FAMILY.items():
+        if reader != writer:
+            with pytest.raises(module.ForeignCheckpoint, match=f"it was written by {writer}.py"):
+                module.load_checkpoint(path)
+
+
+def test_resume_of_another_scripts_checkpoint_says_whose_it_is(tmp_path, monkeypatch):
+    qr_impala.save_checkpoint(str(tmp_path / "qr.flax_model"), qr_impala.Args(lambda_=0.9, alpha=0.9), update=1)
+    message = refusal(tmp_path, monkeypatch, "drmg", "--resume", "qr.flax_model")
+    assert message == "--resume qr.flax_model: not a checkpoint of drmg.py: it was written by qr_impala.py"
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.flax_model")
+    monkeypatch.setattr(drmg, "CHECKPOINT_FORMAT", 0)
+    drmg.save_checkpoint(path, drmg.Args(), update=1)
+    monkeypatch.undo()
+    with pytest.raises(drmg.ForeignCheckpoint, match="format 0, this drmg.py reads format 1"):
+        drmg.load_checkpoint(path)
+
+
+def test_a_taken_run_directory_gets_a_suffix_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert qr_impala.make_run_dir("Env__x__1__100") == os.path.join("runs", "Env__x__1__100")
+    assert qr_impala.make_run_dir("Env__x__1__100") == os.path.join("runs", "Env__x__1__100-2")
+    assert qr_impala.make_run_dir("Env__x__1__100") == os.path.join("runs", "Env__x__1__100-3")
+    assert "runs/Env__x__1__100-2 is another run's: this run writes to runs/Env__x__1__100-3" in capsys.readouterr().out
+    assert qr_impala.make_run_dir("Env__x__1__101", create=False) == os.path.join("runs", "Env__x__1__101")
+    assert sorted(os.listdir("runs")) == ["Env__x__1__100", "Env__x__1__100-2", "Env__x__1__100-3"]
+
+
+def test_two_runs_started_together_never_share_a_directory(tmp_path):
+    flags = ["--total-timesteps", "64", "--save-every", "1", *CARTPOLE]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "qr_impala.py"), *flags], cwd=tmp_path, env=script_env(), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    saved = sorted(line.split("checkpoint saved to ")[1] for out, _ in outputs for line in out.splitlines() if "saved to" in line)
+    assert len(saved) == 2 and saved[0] != saved[1] and all(os.path.exists(tmp_path / path) for path in saved)
 
 
 WANDB = importlib.util.find_spec("wandb") is not None
@@ -321,3 +419,17 @@ def test_two_processes_train_the_same_parameters_and_only_process_0_writes(tmp_p
     assert "global_step=512" in outputs[0][0]  # 2 processes x 2 threads x 4 envs x 8 steps per update
     run_dir = only_run_dir(tmp_path)  # only process 0 wrote one
     assert os.path.exists(os.path.join(run_dir, "drmg.flax_model"))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--inner-steps"], "--inner-steps: give at least one n"),
+        (["--even-reward", "nan"], "--even-reward must be finite"),
+        (["--noise-std", "-1"], "--noise-std >= 0"),
+        (["--gamma", "1"], "--gamma in (0, 1)"),
+    ],
+)
+def test_mrp_metagrad_refuses_bad_flags_before_writing_anything(tmp_path, monkeypatch, flags, message):
+    assert message in refusal(tmp_path, monkeypatch, "mrp_metagrad", *flags)
+    assert os.listdir(tmp_path) == []

@@ -49,3 +49,11 @@ def test_labels_must_match_the_directories(tmp_path):
     write_run(tmp_path / "a", [(1, 1.0)])
     with pytest.raises(SystemExit, match="2 labels for 1 directories"):
         plot.main(plot.Args(dirs=[str(tmp_path / "a")], labels=["A", "B"], out=str(tmp_path / "p")))
+
+
+def test_no_directories_print_the_usage_and_a_run_without_the_tag_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="usage: python benchmark/plot.py RUN_DIR_OR_PARENT"):
+        plot.main(plot.Args(dirs=[], out=str(tmp_path / "p")))
+    write_run(tmp_path / "a", [(1, 1.0)])
+    with pytest.raises(SystemExit, match="logged charts/nothing"):
+        plot.main(plot.Args(dirs=[str(tmp_path / "a")], tag="charts/nothing", out=str(tmp_path / "p")))

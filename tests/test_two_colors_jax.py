@@ -426,5 +426,5 @@ def test_figure_1_baselines_start_from_drmgs_eta():
         {k: v for k, v in etas["drmg"].items() if k != "alpha"}, rel=1e-6
     )
     assert etas["drmg"]["lambda_"] == pytest.approx(0.99) and etas["drmg"]["w_pi"] == pytest.approx(0.99)
-    with pytest.raises(SystemExit, match="qr does not start from DrMG's eta: \\['lambda_'\\]"):
+    with pytest.raises(SystemExit, match=r"qr does not start from DrMG's eta: lambda_ 1 \(DrMG 0.99\)"):
         two_colors.check_initial_eta(two_colors.Args(flags="--lambda_ 1.0", meta_flags="--lambda_ 0.99"))
