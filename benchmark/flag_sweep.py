@@ -41,6 +41,13 @@ TINY = {
     "mrp_metagrad.py": ["--num-updates", "20", "--mc-samples", "4", "--inner-steps", "1", "2"],
 }
 HUGE = {"int": "1000000000", "float": "1e30"}
+# Filled in at startup from the other flags: a value given is overwritten (tests/test_flags.py lists them).
+FILLED_IN = {"local_batch_size", "batch_size", "num_updates", "world_size"}
+
+
+def flag(name: str) -> str:
+    """tyro's spelling of a field: inner underscores become hyphens, a trailing one stays (--lambda_)."""
+    return "--" + name.rstrip("_").replace("_", "-") + "_" * (len(name) - len(name.rstrip("_")))
 
 
 @dataclass
@@ -51,6 +58,8 @@ class Args:
     """seconds a tiny run may take; one still training then counts as training"""
     out: str = os.path.join(ROOT, "benchmark", "results", "flag_sweep.json")
     """the outcomes, kept between runs of the sweep"""
+    dry_run: bool = False
+    """only the in-process checks: list the values that check_args accepts (and so would run), run nothing"""
 
 
 def numeric_fields(script: str) -> list[tuple[str, str]]:
@@ -116,16 +125,24 @@ def main(args: Args):
             results = json.load(f)
     for script in args.scripts:
         for name, kind in numeric_fields(script):
+            if name in FILLED_IN and script != "mrp_metagrad.py":
+                continue
             for value in ["-1", "0", HUGE[kind]]:
-                key = f"{script} --{name.replace('_', '-')} {value}"
+                key = f"{script} {flag(name)} {value}"
                 if key in results:
                     continue
-                flags = [*TINY[script], f"--{name.replace('_', '-')}", value]
+                flags = [*TINY[script], flag(name), value]
+                if args.dry_run:
+                    refusal = precheck(script, flags)
+                    print(f"{key}: {'refused: ' + refusal if refusal else 'accepted: would run'}")
+                    continue
                 results[key] = outcome(script, flags, args.timeout)
                 print(f"{key}: {results[key]['kind']}: {results[key]['line']}", flush=True)
                 with open(args.out + ".tmp", "w") as f:
                     json.dump(results, f, indent=1, sort_keys=True)
                 os.replace(args.out + ".tmp", args.out)
+    if args.dry_run:
+        return
     counts = Counter(r["kind"] for key, r in results.items() if key.split()[0] in args.scripts)
     print(", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items())))
     for key, r in sorted(results.items()):
