@@ -12,11 +12,10 @@ import pytest
 import tyro
 from helpers import (
     check_two_devices_give_the_single_device_meta_step,
+    learn_cartpole,
     make_small_rollout,
     make_states,
-    only_run_dir,
-    run_script,
-    scalars,
+    smoke_run,
 )
 
 import drmg
@@ -202,16 +201,9 @@ def test_bad_bmg_flags_stop_with_one_line(flags, message):
 
 
 def test_learns_cartpole_with_bmg_and_meta_parameters_move(tmp_path):
-    result = run_script(
-        tmp_path,
-        *["--env-id", "CartPole-v1", "--seed", "1", "--total-timesteps", "100000", "--bmg-steps", "3"],
-        *["--local-num-envs", "4", "--num-steps", "16", "--learning-rate", "2e-3", "--log-frequency", "100"],
-        script="drmg.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(only_run_dir(tmp_path))
+    logged, _ = learn_cartpole(tmp_path, "drmg.py", 100000, "2e-3", "--bmg-steps", "3")
     returns = logged["charts/avg_episodic_return_last100"]
-    assert returns[0] < 40 and returns[-1] >= 100, returns[-10:]
+    assert returns[-1] >= 100, returns[-10:]
     meta_tags = [tag for tag in logged if tag.startswith("meta/")]
     for tag in meta_tags + ["losses/bmg_matching_loss", "losses/bmg_kl"]:
         assert np.all(np.isfinite(logged[tag])), tag
@@ -220,14 +212,7 @@ def test_learns_cartpole_with_bmg_and_meta_parameters_move(tmp_path):
 
 def test_bmg_smoke_run_on_breakout(tmp_path):
     """The ResNet, --bmg-steps 1 and the critic matching term; --bmg-steps 3 learns CartPole above."""
-    result = run_script(
-        tmp_path,
-        *["--env-id", "Breakout-v5", "--total-timesteps", "32", "--local-num-envs", "2", "--num-actor-threads", "1"],
-        *["--num-steps", "8", "--log-frequency", "1", "--bmg-steps", "1", "--bmg-value-coef", "0.5"],
-        script="drmg.py",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(only_run_dir(tmp_path))
+    logged = smoke_run(tmp_path, "drmg.py", "Breakout-v5", "--bmg-steps", "1", "--bmg-value-coef", "0.5")
     for tag in ["losses/loss", "losses/bmg_matching_loss", "losses/bmg_kl", "losses/bmg_value_matching", "meta/grad_norm"]:
         assert np.isfinite(logged[tag]).all(), tag
 
