@@ -1,0 +1,207 @@
+"""The one command for a fresh GPU machine (issue 22): every figure the README needs from a GPU, in one call of about 8
+minutes, nothing installed, every result under --out-dir.
+
+    PYTHONUNBUFFERED=1 python benchmark/gpu_check.py --out-dir gpu_check          # on the GPU machine
+    python benchmark/gpu_check.py --tiny --out-dir /tmp/gpu_check                 # the CPU rehearsal (the tests run it)
+
+It measures, one part after the other:
+    versions     Python, JAX, jaxlib, the CUDA plugin, envpool, flax, optax, the devices and the NVIDIA driver;
+    training     qr_impala.py and drmg.py on --env-id with their defaults for --train-seconds each (drmg.py's run goes
+                 on for --curve-seconds more and its return curve is drawn): steady-state SPS after compilation (between
+                 the first and the last SPS log), the stats/ breakdown (mean over the logs) and the startup memory check;
+    envpool      EnvPool's random-action rate with the same envs and actor threads, and training SPS over it;
+    learner      each script's learner step at the default --chunk-envs and at the whole batch (0): XLA's memory analysis,
+                 the device's peak memory after the step (memory_stats(), where the device reports it) and the median
+                 update time of --update-repeats calls after compilation;
+and writes summary.md (a table to paste into the README), results.json, and drmg_returns.png.
+"""
+
+import glob
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from learner_setup import ROOT, environment, learner, random_batch, script_args  # noqa: E402
+from qr_impala_sps import Args as RandomArgs  # noqa: E402
+from qr_impala_sps import random_action_sps  # noqa: E402
+
+SCRIPTS = ("qr_impala", "drmg")
+# The CPU rehearsal: a vector environment and a small batch, the same code paths.
+TINY_FLAGS = ["--local-num-envs", "4", "--num-actor-threads", "1", "--num-steps", "8"]
+
+
+@dataclass
+class Args:
+    out_dir: str = "gpu_check"
+    """where every result goes"""
+    env_id: str = "Breakout-v5"
+    """the environment of every part"""
+    train_seconds: float = 100.0
+    """seconds of each training run (from its start: compilation included)"""
+    curve_seconds: float = 120.0
+    """seconds drmg.py trains on after its SPS window, for its return curve"""
+    random_seconds: float = 15.0
+    """seconds of EnvPool's random-action rate"""
+    update_repeats: int = 5
+    """timed learner updates per script and chunk setting"""
+    tiny: bool = False
+    """the CPU rehearsal: CartPole-v1, 4 envs, one actor thread, 8 steps, a few seconds per part"""
+
+
+def versions() -> dict:
+    found = dict(python=platform.python_version())
+    for package in ["jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "envpool", "flax", "optax", "numpy"]:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    found["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        found["nvidia-smi"] = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    return found
+
+
+def train(script: str, args: Args, seconds: float, cwd: str) -> dict:
+    """Run the script with its defaults for `seconds`, stop it with SIGTERM, and read its log."""
+    flags = ["--env-id", args.env_id, "--total-timesteps", str(10**10), "--log-frequency", "5", "--save-every", "0"]
+    flags += TINY_FLAGS + ["--log-frequency", "2"] if args.tiny else []
+    command = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags]
+    print(" ".join(command), flush=True)
+    with open(os.path.join(args.out_dir, f"{script}_stdout.log"), "w") as log:
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=600)
+    with open(os.path.join(args.out_dir, f"{script}_stdout.log")) as f:
+        output = f.read()
+    runs = glob.glob(os.path.join(cwd, "runs", f"*__{script}__*"))
+    if not runs or process.returncode not in (0, 128 + signal.SIGTERM):
+        return dict(error=f"exit {process.returncode}: " + output.strip().splitlines()[-1] if output.strip() else "no output")
+    accumulator = EventAccumulator(runs[0], size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    sps = accumulator.Scalars("charts/SPS") if "charts/SPS" in tags else []
+    result = dict(run_dir=runs[0], memory_check=next((l for l in output.splitlines() if l.startswith("learner step")), ""))
+    if len(sps) >= 2:
+        result["steady_sps"] = (sps[-1].step - sps[0].step) / (sps[-1].wall_time - sps[0].wall_time)
+        result["steps"] = sps[-1].step
+    result["stats"] = {t: float(np.mean([e.value for e in accumulator.Scalars(t)])) for t in tags if t.startswith("stats/")}
+    return result
+
+
+def learner_step(script: str, chunk_envs: int, args: Args, observation_space, num_actions) -> dict:
+    overrides = dict(chunk_envs=chunk_envs)
+    if args.tiny:
+        overrides.update(local_num_envs=4, num_actor_threads=1, num_steps=8)
+    config = script_args(script, args.env_id, **overrides)
+    step, states, spec = learner(script, config, observation_space, num_actions)
+    batch = random_batch(spec, num_actions)
+    start = time.time()
+    compiled = step.lower(*states, batch).compile()
+    result = dict(compile_seconds=time.time() - start, batch=f"{config.num_steps} x {spec.actions.shape[1]}")
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        total = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+        result["xla_total_gib"] = (total - memory.alias_size_in_bytes) / 2**30
+    jax.block_until_ready(compiled(*states, batch))
+    times = []
+    for _ in range(args.update_repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*states, batch))
+        times.append(time.perf_counter() - start)
+    result["update_seconds"] = float(np.median(times))
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    return result
+
+
+def summary(results: dict, args: Args, command: str) -> str:
+    v = results["versions"]
+    plugin = v.get("jax-cuda13-plugin") or v.get("jax-cuda12-plugin") or "none"
+    lines = [
+        f"# GPU check: {args.env_id}",
+        "",
+        f"{', '.join(v['devices'])}; {v.get('nvidia-smi', 'no nvidia-smi')}; Python {v['python']}, jax {v.get('jax')}, "
+        f"jaxlib {v.get('jaxlib')}, CUDA plugin {plugin}, envpool {v.get('envpool')}",
+        "",
+        "| script | training SPS | EnvPool random SPS | ratio | learner update (chunk 16 / whole batch) | XLA memory | peak device memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(x, spec):
+        return format(x, spec) if isinstance(x, (int, float)) else "n/a"
+
+    for script in SCRIPTS:
+        t, steps = results["training"][script], results["learner"][script]
+        ratio = t.get("steady_sps", float("nan")) / results["envpool_sps"]
+        chunked, whole = steps.get("16", {}), steps.get("0", {})
+        lines.append(
+            f"| {script}.py | {fmt(t.get('steady_sps'), ',.0f')} | {results['envpool_sps']:,.0f} | {ratio:.2f} | "
+            f"{fmt(chunked.get('update_seconds'), '.3f')} s / {fmt(whole.get('update_seconds'), '.3f')} s | "
+            f"{fmt(chunked.get('xla_total_gib'), '.2f')} / {fmt(whole.get('xla_total_gib'), '.2f')} GiB | "
+            f"{fmt(chunked.get('peak_gib'), '.2f')} / {fmt(whole.get('peak_gib'), '.2f')} GiB |"
+        )
+    for script in SCRIPTS:
+        stats = results["training"][script].get("stats", {})
+        lines.append(f"\n{script}.py stats/ (means): " + ", ".join(f"{k[6:]} {v:.4f}" for k, v in sorted(stats.items())))
+    lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def main(args: Args, command: str = "benchmark/gpu_check.main (from Python)"):
+    if args.tiny:
+        args.env_id = "CartPole-v1"
+        args.train_seconds, args.curve_seconds = min(args.train_seconds, 30.0), min(args.curve_seconds, 5.0)
+        args.random_seconds, args.update_repeats = min(args.random_seconds, 1.0), min(args.update_repeats, 2)
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = dict(versions=versions(), training={}, learner={})
+    print(json.dumps(results["versions"]), flush=True)
+    with tempfile.TemporaryDirectory() as cwd:
+        for script in SCRIPTS:
+            seconds = args.train_seconds + (args.curve_seconds if script == "drmg" else 0.0)
+            results["training"][script] = train(script, args, seconds, cwd)
+            print(script, json.dumps(results["training"][script]), flush=True)
+        defaults = script_args("qr_impala", args.env_id)
+        random_args = RandomArgs(env_id=args.env_id, random_seconds=args.random_seconds, envpool_threads=defaults.envpool_threads)
+        random_args.local_num_envs = 4 if args.tiny else defaults.local_num_envs
+        random_args.num_actor_threads = 1 if args.tiny else defaults.num_actor_threads
+        results["envpool_sps"] = random_action_sps(random_args)
+        print(f"EnvPool random-action SPS: {results['envpool_sps']:,.0f}", flush=True)
+        observation_space, num_actions = environment(args.env_id)
+        for script in SCRIPTS:
+            results["learner"][script] = {}
+            for chunk_envs in (16, 0):
+                results["learner"][script][str(chunk_envs)] = learner_step(script, chunk_envs, args, observation_space, num_actions)
+                print(script, chunk_envs, json.dumps(results["learner"][script][str(chunk_envs)]), flush=True)
+        drmg_run = results["training"]["drmg"].get("run_dir")
+        if drmg_run:
+            plot = [sys.executable, os.path.join(ROOT, "benchmark", "plot.py"), drmg_run, "--labels", "drmg.py"]
+            subprocess.run([*plot, "--out", os.path.join(args.out_dir, "drmg")], check=False)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    text = summary(results, args, command)
+    with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args), command=" ".join(["PYTHONUNBUFFERED=1 python benchmark/gpu_check.py", *sys.argv[1:]]))
