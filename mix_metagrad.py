@@ -25,9 +25,9 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -613,17 +613,26 @@ def load_model(path: str):
 RESUME_FLAGS = ("resume", "total_timesteps", "save_model", "save_every", "track", "wandb_project_name", "wandb_entity")
 
 
-def resume_args(args: Args):
-    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume."""
+def given_flags(argv: Sequence[str]) -> set:
+    """The Args fields that `argv` names (`--no-x` names x), whatever their values: a resume checks each of them."""
+    names, given = {f.name for f in fields(Args)}, set()
+    for token in argv:
+        name = token[2:].split("=")[0].replace("-", "_") if token.startswith("--") else ""
+        given |= {name, name.removeprefix("no_")} & names
+    return given
+
+
+def resume_args(args: Args, given: set):
+    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume.
+    Any other flag given (`given_flags`) must equal the checkpoint's, even where it equals the default."""
     try:
         saved = load_checkpoint(args.resume)
     except Exception as e:  # noqa: B902 (a missing file, another format, another script's flags)
         raise SystemExit(f"--resume {args.resume}: not a checkpoint of {os.path.basename(__file__)} ({e})") from None
-    for name, value in asdict(args).items():
-        if name not in RESUME_FLAGS and value != getattr(Args(), name) and value != getattr(saved["args"], name):
+    for name in sorted(given - set(RESUME_FLAGS)):
+        if getattr(args, name) != getattr(saved["args"], name):
             raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
-    given = {name: getattr(args, name) for name in RESUME_FLAGS if getattr(args, name) != getattr(Args(), name)}
-    return replace(saved["args"], **given), saved
+    return replace(saved["args"], **{name: getattr(args, name) for name in given & set(RESUME_FLAGS)}), saved
 
 
 def non_finite(**trees):
@@ -656,7 +665,7 @@ def report(kind, error, traceback):
 if __name__ == "__main__":
     sys.excepthook = report
     args = tyro.cli(Args)
-    args, saved = resume_args(args) if args.resume else (args, None)
+    args, saved = resume_args(args, given_flags(sys.argv[1:])) if args.resume else (args, None)
     check_args(args)
     stop_signal = []
 

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import List, Literal, NamedTuple, Optional, Sequence, Tuple
 
@@ -879,20 +879,28 @@ RESUME_FLAGS = (
 )
 
 
-def resume_args(args: Args, defaults: Args):
+def given_flags(argv: Sequence[str]) -> set:
+    """The Args fields that `argv` names (`--no-x` names x), whatever their values: a resume checks each of them."""
+    names, given = {f.name for f in fields(Args)}, set()
+    for token in argv:
+        name = token[2:].split("=")[0].replace("-", "_") if token.startswith("--") else ""
+        given |= {name, name.removeprefix("no_")} & names
+    return given
+
+
+def resume_args(args: Args, given: set):
     """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume.
-    A flag counts as given where it differs from `defaults`."""
+    Any other flag given (`given_flags`) must equal the checkpoint's, even where it equals the default."""
     try:
         saved = load_checkpoint(args.resume)
     except ForeignCheckpoint as e:
         raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT}: {e}") from None
     except Exception as e:  # noqa: B902 (a missing file, not a checkpoint at all, another script's flags)
         raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT} ({e})") from None
-    for name, value in asdict(args).items():
-        if name not in RESUME_FLAGS and value != getattr(defaults, name) and value != getattr(saved["args"], name):
+    for name in sorted(given - set(RESUME_FLAGS)):
+        if getattr(args, name) != getattr(saved["args"], name):
             raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
-    given = {name: getattr(args, name) for name in RESUME_FLAGS if getattr(args, name) != getattr(defaults, name)}
-    return replace(saved["args"], **given), saved
+    return replace(saved["args"], **{name: getattr(args, name) for name in given & set(RESUME_FLAGS)}), saved
 
 
 def check_devices(args: Args, local_devices: Sequence[jax.Device]):
@@ -944,9 +952,8 @@ def evaluate(model_path: str, eval_episodes: int, seed: int = 0):
 if __name__ == "__main__":
     # --- setup: flags, signals, devices, the run directory, the train state, the compiled learner step, the writer
     sys.excepthook = report
-    defaults = default_args(sys.argv[1:])
-    args = tyro.cli(Args, default=defaults)
-    args, saved = resume_args(args, defaults) if args.resume else (args, None)
+    args = tyro.cli(Args, default=default_args(sys.argv[1:]))
+    args, saved = resume_args(args, given_flags(sys.argv[1:])) if args.resume else (args, None)
     check_args(args)
     stop, stop_signal = threading.Event(), []  # the actors and the learner finish when `stop` is set
 

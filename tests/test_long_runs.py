@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from types import SimpleNamespace
 
@@ -103,6 +104,40 @@ def test_a_resumed_run_refuses_flags_that_change_what_it_learns(tmp_path, monkey
     qr_impala.save_checkpoint(path, qr_impala.Args(env_id="CartPole-v1"), update=1)
     message = refusal(tmp_path, monkeypatch, "qr_impala", "--resume", path, "--learning-rate", "0.1")
     assert message == "--resume continues a run with its own flags: --learning-rate cannot change"
+
+
+MODULES = {**IMPALA_FAMILY, "mix_metagrad": mix_metagrad}
+
+
+@pytest.mark.parametrize("script", MODULES)
+def test_a_resumed_run_refuses_a_flag_set_back_to_its_default(tmp_path, monkeypatch, script):
+    """A flag given on the command line counts even where its value is the default: resuming a run made with another
+    learning rate (or without annealing) by naming the default is refused, not silently ignored."""
+    module, path = MODULES[script], str(tmp_path / f"{script}.flax_model")
+    module.save_checkpoint(path, replace(module.Args(), learning_rate=0.125, anneal_lr=False), update=1)
+    default = str(module.Args().learning_rate)
+    message = refusal(tmp_path, monkeypatch, script, "--resume", path, f"--learning_rate={default}")
+    assert message == "--resume continues a run with its own flags: --learning-rate cannot change"
+    message = refusal(tmp_path, monkeypatch, script, "--resume", path, "--anneal-lr")
+    assert message == "--resume continues a run with its own flags: --anneal-lr cannot change"
+
+
+@pytest.mark.parametrize("script", MODULES)
+def test_a_resumed_run_applies_the_flags_that_may_change_even_at_their_defaults(tmp_path, script):
+    """`--save-every` (a RESUME_FLAGS member) given at its default replaces the checkpoint's value; a flag equal to the
+    checkpoint's is accepted; flags not given keep the checkpoint's values."""
+    module, path = MODULES[script], str(tmp_path / f"{script}.flax_model")
+    saved = replace(module.Args(), save_every=7, learning_rate=0.125)
+    module.save_checkpoint(path, saved, update=1)
+    argv = ["--resume", path, "--save-every", str(module.Args().save_every), "--learning-rate", "0.125"]
+    assert module.given_flags(argv) == {"resume", "save_every", "learning_rate"}
+    args, _ = module.resume_args(module.tyro.cli(module.Args, args=argv), module.given_flags(argv))
+    assert args == replace(saved, resume=path, save_every=module.Args().save_every)
+    assert module.given_flags(["--no-anneal-lr", "--seed=3", "--exp_name", "x", "--not-a-flag"]) == {
+        "anneal_lr",
+        "seed",
+        "exp_name",
+    }
 
 
 def test_snake_resumed_equals_uninterrupted(tmp_path):
