@@ -1104,10 +1104,16 @@ if __name__ == "__main__":
     check_args(args)
     stop, stop_signal = threading.Event(), []  # the actors and the learner finish when `stop` is set
 
+    started = []  # the run directory, once it exists: a signal before then exits at once, nothing having been written
+
     def request_stop(signum, frame):
-        """SIGINT, SIGTERM: finish the current update, save the checkpoint, exit 128 + signum; a second one exits now."""
-        if stop_signal:
+        """SIGINT, SIGTERM: finish the current update, save the checkpoint, exit 128 + signum; a second one exits now,
+        and so does one before the run directory exists (while the learner step compiles, say)."""
+        name = signal.Signals(signum).name
+        if stop_signal or not started:
+            print(f"{name}: exit now" + ("" if started else ", before the run started: nothing was written"), flush=True)
             os._exit(128 + signum)
+        print(f"{name}: the run stops after the current update (a second signal exits now)", flush=True)
         stop_signal.append(signum)
         stop.set()
 
@@ -1155,12 +1161,12 @@ if __name__ == "__main__":
     update_fn = make_learner_step(args, mesh).lower(
         agent_state, meta_state, rollout_spec(args, observation_space, num_actions, batch_sharding)
     )
+    print(f"compiling the learner step for a batch of {args.local_batch_size} steps ...", flush=True)
     update_fn = update_fn.compile()
     memory = check_learner_memory(update_fn, args, learner_devices)
-    if stop.is_set():
-        raise SystemExit(128 + stop_signal[0])
     # Created only now that the startup checks have passed, and exclusively: simultaneous runs never share one.
     run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(run_name, jax.process_index() == 0)
+    started.append(run_dir)
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
     print(f"run {run_dir}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
     print(memory)

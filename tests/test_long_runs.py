@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from functools import partial
 from types import SimpleNamespace
@@ -206,6 +207,30 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_a_closed_event_file(tmp_pa
     assert int(saved["update"]) >= 1
     logged = scalars(run_dir)
     assert max(logged["charts/SPS"]) > 0  # the events were flushed and the file closed
+
+
+@pytest.mark.parametrize("script,signum", [("qr_impala", signal.SIGTERM), ("drmg", signal.SIGINT)])
+def test_a_signal_while_the_learner_step_compiles_exits_at_once_with_nothing_written(tmp_path, script, signum):
+    """Before the run directory exists a signal exits at once, saying so (it used to wait, silent, for the compilation
+    to end: seconds on CartPole, minutes for Atari on a GPU)."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, f"{script}.py"), *CARTPOLE, "--total-timesteps", "256"],
+        cwd=tmp_path,
+        env=script_env(PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:
+        if line.startswith("compiling the learner step"):
+            break
+    process.send_signal(signum)
+    sent = time.monotonic()
+    stdout, stderr = process.communicate(timeout=300)
+    assert time.monotonic() - sent < 2  # the compilation alone takes several seconds
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert f"{signal.Signals(signum).name}: exit now, before the run started: nothing was written" in stdout
+    assert "Traceback" not in stderr and os.listdir(tmp_path) == []
 
 
 FAILURES = {
