@@ -74,6 +74,14 @@ def test_a_failed_save_removes_its_partial_file_and_keeps_the_previous_checkpoin
     assert os.listdir(tmp_path) == ["model.flax_model"] and int(qr_impala.load_checkpoint(path)["update"]) == 1
 
 
+def test_the_next_save_replaces_a_stale_tmp_file_left_by_a_killed_save(tmp_path):
+    """kill -9 mid-save leaves `PATH.tmp` (here: longer than a checkpoint, and garbage); the next save leaves none."""
+    args, path = qr_impala.Args(), str(tmp_path / "model.flax_model")
+    (tmp_path / "model.flax_model.tmp").write_bytes(b"\xff" * 10**6)
+    qr_impala.save_checkpoint(path, args, update=3)
+    assert os.listdir(tmp_path) == ["model.flax_model"] and int(qr_impala.load_checkpoint(path)["update"]) == 3
+
+
 @pytest.mark.parametrize("script", ["drmg"])
 def test_resume_continues_the_run_in_its_directory_from_its_update_and_step(tmp_path, script):
     first = run_script(tmp_path, *CARTPOLE, "--total-timesteps", "256", "--no-anneal-lr", script=f"{script}.py")
