@@ -188,23 +188,28 @@ def test_saturated_flags_a_sigmoid_at_its_bound_with_a_zero_meta_gradient():
     assert {k: bool(v) for k, v in drmg.saturated(logits, grads).items()} == {"a": True, "b": True, "c": False}
 
 
-@pytest.mark.parametrize(
-    "script,signum", [("qr_impala", signal.SIGINT), ("drmg", signal.SIGTERM), ("mix_metagrad", signal.SIGTERM)]
-)
-def test_a_signal_stops_the_run_with_a_checkpoint_and_a_closed_event_file(tmp_path, script, signum):
-    flags = ["--num-envs", "4", "--num-steps", "5", "--log-frequency", "2"] if script == "mix_metagrad" else CARTPOLE
-    env = script_env(PYTHONUNBUFFERED="1")
+def started_until(tmp_path, script, prefix, *flags):
+    """Start `script` with `flags` in `tmp_path` and return the process once it has printed a line beginning `prefix`."""
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--total-timesteps", "100000000"],
+        [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags],
         cwd=tmp_path,
-        env=env,
+        env=script_env(PYTHONUNBUFFERED="1"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     for line in process.stdout:
-        if line.startswith("update "):
+        if line.startswith(prefix):
             break
+    return process
+
+
+@pytest.mark.parametrize(
+    "script,signum", [("qr_impala", signal.SIGINT), ("drmg", signal.SIGTERM), ("mix_metagrad", signal.SIGTERM)]
+)
+def test_a_signal_stops_the_run_with_a_checkpoint_and_a_closed_event_file(tmp_path, script, signum):
+    flags = ["--num-envs", "4", "--num-steps", "5", "--log-frequency", "2"] if script == "mix_metagrad" else CARTPOLE
+    process = started_until(tmp_path, script, "update ", *flags, "--total-timesteps", "100000000")
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signum, stderr[-3000:]
@@ -221,17 +226,7 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_a_closed_event_file(tmp_pa
 def test_a_signal_while_the_learner_step_compiles_exits_at_once_with_nothing_written(tmp_path, script, signum):
     """Before the run directory exists a signal exits at once, saying so (it used to wait, silent, for the compilation
     to end: seconds on CartPole, minutes for Atari on a GPU)."""
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, f"{script}.py"), *CARTPOLE, "--total-timesteps", "256"],
-        cwd=tmp_path,
-        env=script_env(PYTHONUNBUFFERED="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in process.stdout:
-        if line.startswith("compiling the learner step"):
-            break
+    process = started_until(tmp_path, script, "compiling the learner step", *CARTPOLE, "--total-timesteps", "256")
     process.send_signal(signum)
     sent = time.monotonic()
     stdout, stderr = process.communicate(timeout=300)
