@@ -13,7 +13,10 @@ It measures, one part after the other:
     learner      each script's learner step at the default --chunk-envs and at the whole batch (0): XLA's memory analysis,
                  the device's peak memory after the step (memory_stats(), where the device reports it) and the median
                  update time of --update-repeats calls after compilation;
-and writes summary.md (a table to paste into the README), results.json, and drmg_returns.png.
+    minatar      drmg.py on Breakout-MinAtar with each torso (--network minatar, resnet) for --minatar-seconds each:
+                 steady-state SPS and the return reached (0 skips this part);
+and writes summary.md (a table to paste into the README), results.json, and drmg_returns.png. results.json is written
+after every part, and a part that fails is recorded as such while the others go on.
 """
 
 import glob
@@ -29,10 +32,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import jax
-import numpy as np
-import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+# This process allocates only what its learner steps use, so that the training runs it starts can take their share.
+USER_ENV = dict(os.environ)
+os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from learner_setup import ROOT, environment, learner, random_batch, script_args  # noqa: E402
@@ -58,6 +65,8 @@ class Args:
     """seconds of EnvPool's random-action rate"""
     update_repeats: int = 5
     """timed learner updates per script and chunk setting"""
+    minatar_seconds: float = 45.0
+    """seconds of each drmg.py run on Breakout-MinAtar, one per torso (0: skip the part)"""
     tiny: bool = False
     """the CPU rehearsal: CartPole-v1, 4 envs, one actor thread, 8 steps, a few seconds per part"""
 
@@ -76,22 +85,24 @@ def versions() -> dict:
     return found
 
 
-def train(script: str, args: Args, seconds: float, cwd: str) -> dict:
-    """Run the script with its defaults for `seconds`, stop it with SIGTERM, and read its log."""
-    flags = ["--env-id", args.env_id, "--total-timesteps", str(10**10), "--log-frequency", "5", "--save-every", "0"]
-    flags += TINY_FLAGS + ["--log-frequency", "2"] if args.tiny else []
+def train(script: str, args: Args, seconds: float, cwd: str, env_id: str = "", extra=(), name: str = "") -> dict:
+    """Run the script with its defaults (and `extra` flags) for `seconds`, stop it with SIGTERM, and read its log."""
+    env_id, name = env_id or args.env_id, name or script
+    flags = ["--env-id", env_id, "--total-timesteps", str(10**10), "--log-frequency", "5", "--save-every", "0"]
+    flags += (TINY_FLAGS + ["--log-frequency", "2"] if args.tiny else []) + list(extra)
+    flags += ["--exp-name", name]
     command = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags]
     print(" ".join(command), flush=True)
-    with open(os.path.join(args.out_dir, f"{script}_stdout.log"), "w") as log:
-        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(args.out_dir, f"{name}_stdout.log"), "w") as log:
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=USER_ENV)
         try:
             process.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=600)
-    with open(os.path.join(args.out_dir, f"{script}_stdout.log")) as f:
+    with open(os.path.join(args.out_dir, f"{name}_stdout.log")) as f:
         output = f.read()
-    runs = glob.glob(os.path.join(cwd, "runs", f"*__{script}__*"))
+    runs = glob.glob(os.path.join(cwd, "runs", f"*__{name}__*"))
     if not runs or process.returncode not in (0, 128 + signal.SIGTERM):
         return dict(error=f"exit {process.returncode}: " + output.strip().splitlines()[-1] if output.strip() else "no output")
     accumulator = EventAccumulator(runs[0], size_guidance={"scalars": 0})
@@ -103,6 +114,9 @@ def train(script: str, args: Args, seconds: float, cwd: str) -> dict:
         result["steady_sps"] = (sps[-1].step - sps[0].step) / (sps[-1].wall_time - sps[0].wall_time)
         result["steps"] = sps[-1].step
     result["stats"] = {t: float(np.mean([e.value for e in accumulator.Scalars(t)])) for t in tags if t.startswith("stats/")}
+    returns = [e.value for e in accumulator.Scalars("charts/episodic_return")] if "charts/episodic_return" in tags else []
+    if returns:
+        result["episodes"], result["last_returns"] = len(returns), float(np.mean(returns[-max(1, len(returns) // 10) :]))
     return result
 
 
@@ -149,12 +163,13 @@ def summary(results: dict, args: Args, command: str) -> str:
     def fmt(x, spec):
         return format(x, spec) if isinstance(x, (int, float)) else "n/a"
 
+    envpool = results["envpool_sps"] if isinstance(results.get("envpool_sps"), float) else float("nan")
     for script in SCRIPTS:
-        t, steps = results["training"][script], results["learner"][script]
-        ratio = t.get("steady_sps", float("nan")) / results["envpool_sps"]
+        t, steps = results["training"][script], results["learner"].get(script, {})
+        ratio = t.get("steady_sps", float("nan")) / envpool
         chunked, whole = steps.get("16", {}), steps.get("0", {})
         lines.append(
-            f"| {script}.py | {fmt(t.get('steady_sps'), ',.0f')} | {results['envpool_sps']:,.0f} | {ratio:.2f} | "
+            f"| {script}.py | {fmt(t.get('steady_sps'), ',.0f')} | {fmt(envpool, ',.0f')} | {ratio:.2f} | "
             f"{fmt(chunked.get('update_seconds'), '.3f')} s / {fmt(whole.get('update_seconds'), '.3f')} s | "
             f"{fmt(chunked.get('xla_total_gib'), '.2f')} / {fmt(whole.get('xla_total_gib'), '.2f')} GiB | "
             f"{fmt(chunked.get('peak_gib'), '.2f')} / {fmt(whole.get('peak_gib'), '.2f')} GiB |"
@@ -162,8 +177,36 @@ def summary(results: dict, args: Args, command: str) -> str:
     for script in SCRIPTS:
         stats = results["training"][script].get("stats", {})
         lines.append(f"\n{script}.py stats/ (means): " + ", ".join(f"{k[6:]} {v:.4f}" for k, v in sorted(stats.items())))
-    lines += ["", f"Command: `{command}`", ""]
+    if results["minatar"]:
+        lines += ["", "| drmg.py on Breakout-MinAtar | training SPS | steps | return (last 10% of episodes) |", "|---|---|---|---|"]
+        for network, t in results["minatar"].items():
+            row = [fmt(t.get("steady_sps"), ",.0f"), fmt(t.get("steps"), ",d"), fmt(t.get("last_returns"), ".2f")]
+            lines.append(f"| --network {network} | " + " | ".join(row) + " |")
+    errors = [f"{k}: {v['error']}" for k, v in _flat(results) if isinstance(v, dict) and "error" in v]
+    lines += [""] + [f"Failed: {e}" for e in errors] + ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def part(results: dict, args: Args, key, fn):
+    """results[key...] = fn(), or the error it raised; then results.json is written again."""
+    *path, last = key if isinstance(key, tuple) else (key,)
+    target = results
+    for k in path:
+        target = target.setdefault(k, {})
+    try:
+        target[last] = fn()
+    except Exception as error:  # noqa: BLE001  (one failed part must not cost the others)
+        target[last] = dict(error=f"{type(error).__name__}: {error}")
+    print(*(key if isinstance(key, tuple) else (key,)), json.dumps(target[last]), flush=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def _flat(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        yield prefix + k, v
+        if isinstance(v, dict) and "error" not in v:
+            yield from _flat(v, prefix + k + "/")
 
 
 def main(args: Args, command: str = "benchmark/gpu_check.main (from Python)"):
@@ -171,32 +214,38 @@ def main(args: Args, command: str = "benchmark/gpu_check.main (from Python)"):
         args.env_id = "CartPole-v1"
         args.train_seconds, args.curve_seconds = min(args.train_seconds, 30.0), min(args.curve_seconds, 5.0)
         args.random_seconds, args.update_repeats = min(args.random_seconds, 1.0), min(args.update_repeats, 2)
+        args.minatar_seconds = min(args.minatar_seconds, 20.0)
     os.makedirs(args.out_dir, exist_ok=True)
-    results = dict(versions=versions(), training={}, learner={})
-    print(json.dumps(results["versions"]), flush=True)
+    results = dict(training={}, learner={}, minatar={})
+    part(results, args, "versions", versions)
     with tempfile.TemporaryDirectory() as cwd:
         for script in SCRIPTS:
             seconds = args.train_seconds + (args.curve_seconds if script == "drmg" else 0.0)
-            results["training"][script] = train(script, args, seconds, cwd)
-            print(script, json.dumps(results["training"][script]), flush=True)
-        defaults = script_args("qr_impala", args.env_id)
-        random_args = RandomArgs(env_id=args.env_id, random_seconds=args.random_seconds, envpool_threads=defaults.envpool_threads)
-        random_args.local_num_envs = 4 if args.tiny else defaults.local_num_envs
-        random_args.num_actor_threads = 1 if args.tiny else defaults.num_actor_threads
-        results["envpool_sps"] = random_action_sps(random_args)
-        print(f"EnvPool random-action SPS: {results['envpool_sps']:,.0f}", flush=True)
+            part(results, args, ("training", script), lambda: train(script, args, seconds, cwd))
+
+        def envpool_sps():
+            defaults = script_args("qr_impala", args.env_id)
+            random_args = RandomArgs(
+                env_id=args.env_id, random_seconds=args.random_seconds, envpool_threads=defaults.envpool_threads
+            )
+            random_args.local_num_envs = 4 if args.tiny else defaults.local_num_envs
+            random_args.num_actor_threads = 1 if args.tiny else defaults.num_actor_threads
+            return random_action_sps(random_args)
+
+        part(results, args, "envpool_sps", envpool_sps)
         observation_space, num_actions = environment(args.env_id)
         for script in SCRIPTS:
-            results["learner"][script] = {}
             for chunk_envs in (16, 0):
-                results["learner"][script][str(chunk_envs)] = learner_step(script, chunk_envs, args, observation_space, num_actions)
-                print(script, chunk_envs, json.dumps(results["learner"][script][str(chunk_envs)]), flush=True)
+                step = lambda: learner_step(script, chunk_envs, args, observation_space, num_actions)  # noqa: E731
+                part(results, args, ("learner", script, str(chunk_envs)), step)
         drmg_run = results["training"]["drmg"].get("run_dir")
         if drmg_run:
             plot = [sys.executable, os.path.join(ROOT, "benchmark", "plot.py"), drmg_run, "--labels", "drmg.py"]
             subprocess.run([*plot, "--out", os.path.join(args.out_dir, "drmg")], check=False)
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        for network in (("minatar",) if args.tiny else ("minatar", "resnet")) if args.minatar_seconds else ():
+            flags = ["--network", network]
+            run = lambda: train("drmg", args, args.minatar_seconds, cwd, "Breakout-MinAtar", flags, f"minatar_{network}")  # noqa: E731
+            part(results, args, ("minatar", network), run)
     text = summary(results, args, command)
     with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
         f.write(text)

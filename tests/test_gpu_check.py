@@ -20,6 +20,17 @@ def test_the_tiny_gpu_check_measures_every_part(tmp_path):
         for chunk in ("16", "0"):
             step = results["learner"][script][chunk]
             assert step["update_seconds"] > 0 and step["xla_total_gib"] > 0 and step["batch"] == "8 x 4"
+    assert results["minatar"]["minatar"].get("steady_sps", 0) > 0 and results["minatar"]["minatar"]["episodes"] > 0
     summary = (out / "summary.md").read_text()
     assert "| qr_impala.py | " in summary and "| drmg.py | " in summary and "n/a / n/a GiB |" in summary  # no peak memory on CPU
-    assert (out / "drmg_returns.png").exists()
+    assert (out / "drmg_returns.png").exists() and "| --network minatar | " in summary and "Failed:" not in summary
+
+
+def test_a_failing_part_is_recorded_and_the_others_go_on(tmp_path):
+    results = {}
+    args = gpu_check.Args(out_dir=str(tmp_path))
+    gpu_check.part(results, args, ("learner", "drmg"), lambda: 1 / 0)
+    gpu_check.part(results, args, ("learner", "qr_impala"), lambda: dict(update_seconds=0.5))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["learner"]["drmg"] == {"error": "ZeroDivisionError: division by zero"}
+    assert saved["learner"]["qr_impala"] == {"update_seconds": 0.5}
