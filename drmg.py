@@ -162,8 +162,9 @@ class Args:
     """the (local) device ids that actor threads use"""
     learner_device_ids: List[int] = field(default_factory=lambda: [0])
     """the (local) device ids that the learner shards its batch across"""
-    chunk_envs: int = 16
-    """the learner computes its losses on at most this many envs at a time: less memory, more sequential work (0: all)"""
+    chunk_envs: Optional[int] = None
+    """the learner computes its losses on at most this many envs at a time: less memory, more sequential work (0: all;
+    unset: on an accelerator the largest chunk whose learner step fits its memory, up to all; on CPU 16)"""
     memory_limit_gib: float = 0.0
     """memory of a learner device for the startup check, in GiB (0: what the device reports, or the free RAM on CPU)"""
     distributed: bool = False
@@ -187,6 +188,7 @@ class Args:
 
 
 # The defaults that differ by environment family; where each comes from: docs/minatar.md.
+CPU_CHUNK_ENVS = 16  # --chunk-envs on CPU when unset: the fastest there (benchmark/update_time.py)
 ENV_DEFAULTS = {
     "-MinAtar": dict(
         total_timesteps=10_000_000,
@@ -392,14 +394,14 @@ def split_halves(rollout: Rollout):
     return jax.tree.map(lambda x: x[:, :half], rollout), jax.tree.map(lambda x: x[:, half:], rollout)
 
 
-def chunk_mean(fn, rollout: Rollout, chunk_envs: int):
+def chunk_mean(fn, rollout: Rollout, chunk_envs: Optional[int]):
     """fn(rollout) computed on at most `chunk_envs` envs at a time and averaged over the chunks (--chunk-envs).
 
     fn returns means over its rollout's T x B entries, so the mean over equal chunks is its value on the whole batch.
     The chunks run one after the other in a lax.scan, so only one chunk's activations are alive at once. The chunk
-    size is the largest divisor of B not above `chunk_envs`; 0: the whole batch at once, without a scan.
+    size is the largest divisor of B not above `chunk_envs`; 0: the whole batch at once, without a scan; None: 16.
     """
-    num_envs = rollout.actions.shape[1]
+    num_envs, chunk_envs = rollout.actions.shape[1], CPU_CHUNK_ENVS if chunk_envs is None else chunk_envs
     size = max(d for d in range(1, min(chunk_envs, num_envs) + 1) if num_envs % d == 0) if chunk_envs else num_envs
     if size == num_envs:
         return fn(rollout)
@@ -910,7 +912,7 @@ def check_args(args: Args):
         raise SystemExit("--value-coef, --policy-coef, --ent-coef and --memory-limit-gib must be >= 0 and finite")
     if not (0 <= args.outer_gamma <= 1 and 0 <= args.outer_lambda <= 1 and 0 <= args.outer_alpha <= 1):
         raise SystemExit("--outer-gamma, --outer-lambda and --outer-alpha must lie in [0, 1]")
-    if args.chunk_envs < 0:
+    if args.chunk_envs is not None and args.chunk_envs < 0:
         raise SystemExit(f"--chunk-envs {args.chunk_envs}: must be >= 0 (0: the whole batch at once)")
     if args.noop_max < 0 or args.envpool_threads < 0 or args.max_episode_steps < 1:
         raise SystemExit("--noop-max and --envpool-threads must be >= 0 and --max-episode-steps >= 1")
@@ -1007,21 +1009,41 @@ def available_memory(device: jax.Device) -> Optional[int]:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_learner_memory(compiled, args: Args, learner_devices: Sequence[jax.Device]) -> str:
-    """Stop before anything is written if the compiled learner step cannot fit a learner device; else describe it."""
+def learner_memory(compiled, args: Args, learner_devices: Sequence[jax.Device]) -> Tuple[int, Optional[int]]:
+    """(bytes the compiled learner step needs per learner device, bytes it may take there: --memory-limit-gib, else what
+    the device reports free, or on CPU a host device's share of the available RAM; None where that is unknown)."""
     analysis = compiled.memory_analysis()
     needed = sum(getattr(analysis, f"{kind}_size_in_bytes") for kind in ("temp", "argument", "output"))
     needed -= analysis.alias_size_in_bytes
     available = args.memory_limit_gib * 2**30 or available_memory(learner_devices[0])
     if available is not None and learner_devices[0].platform == "cpu" and not args.memory_limit_gib:
         available //= len(learner_devices)  # host devices share the RAM
+    return needed, available
+
+
+def compile_learner_step(compile_at, args: Args, learner_devices: Sequence[jax.Device]):
+    """(the compiled learner step, a line on its chunk and memory); `compile_at(chunk_envs)` compiles it at a chunk.
+
+    At --chunk-envs when it is given. Unset, on CPU at 16 (the fastest there: benchmark/update_time.py); on an
+    accelerator at the largest chunk whose step fits the learner device: the whole batch, else half of it, a quarter,
+    down to one env. Stops in one line, before anything is written, if even the last one tried does not fit."""
+    envs = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) // len(learner_devices)
+    if args.chunk_envs is not None or learner_devices[0].platform == "cpu":
+        chunks = [CPU_CHUNK_ENVS if args.chunk_envs is None else args.chunk_envs]
+    else:
+        chunks = [0] + [envs >> k for k in range(1, envs.bit_length())]
     gib = lambda x: f"{x / 2**30:.1f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"  # noqa: E731
-    if available is not None and needed > available:
-        raise SystemExit(
-            f"the learner step needs {gib(needed)} per learner device ({learner_devices[0].device_kind}) and there are "
-            f"{gib(available)}: lower --chunk-envs (now {args.chunk_envs}), --local-num-envs or --num-steps"
-        )
-    return f"learner step: {gib(needed)} per device of {gib(available) if available is not None else 'unknown'}"
+    for chunk_envs in chunks:
+        compiled = compile_at(chunk_envs)
+        needed, available = learner_memory(compiled, args, learner_devices)
+        if available is None or needed <= available:
+            how = "given" if args.chunk_envs is not None else "CPU" if learner_devices[0].platform == "cpu" else "largest to fit"
+            there = gib(available) if available is not None else "unknown"
+            return compiled, f"learner step: {gib(needed)} per device of {there}, --chunk-envs {chunk_envs} ({how})"
+    raise SystemExit(
+        f"the learner step needs {gib(needed)} per learner device ({learner_devices[0].device_kind}) and there are "
+        f"{gib(available)}: lower --chunk-envs (now {chunk_envs}), --local-num-envs or --num-steps"
+    )
 
 
 class NoWriter:
@@ -1240,12 +1262,13 @@ if __name__ == "__main__":
     meta_state = jax.device_put(local_copy(meta_state), NamedSharding(mesh, P()))
     batch_sharding = NamedSharding(mesh, P(None, "learner"))
     # Compile the learner step now: a batch that cannot fit the learner device stops the run before anything is written.
-    update_fn = make_learner_step(args, mesh).lower(
-        agent_state, meta_state, rollout_spec(args, observation_space, num_actions, batch_sharding)
-    )
+    spec = rollout_spec(args, observation_space, num_actions, batch_sharding)
+
+    def compile_at(chunk_envs):
+        return make_learner_step(replace(args, chunk_envs=chunk_envs), mesh).lower(agent_state, meta_state, spec).compile()
+
     print(f"compiling the learner step for a batch of {args.local_batch_size} steps ...", flush=True)
-    update_fn = update_fn.compile()
-    memory = check_learner_memory(update_fn, args, learner_devices)
+    update_fn, memory = compile_learner_step(compile_at, args, learner_devices)
     # Created only now that the startup checks have passed, and exclusively: simultaneous runs never share one.
     run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(run_name, jax.process_index() == 0)
     started.append(run_dir)

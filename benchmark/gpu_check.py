@@ -10,9 +10,9 @@ It measures, one part after the other:
                  on for --curve-seconds more and its return curve is drawn): steady-state SPS after compilation (between
                  the first and the last SPS log), the stats/ breakdown (mean over the logs) and the startup memory check;
     envpool      EnvPool's random-action rate with the same envs and actor threads, and training SPS over it;
-    learner      each script's learner step at the default --chunk-envs and at the whole batch (0): XLA's memory analysis,
-                 the device's peak memory after the step (memory_stats(), where the device reports it) and the median
-                 update time of --update-repeats calls after compilation;
+    learner      each script's learner step at --chunk-envs 16 (the CPU choice) and at the whole batch (0: the choice on
+                 a GPU that holds it): XLA's memory analysis, the device's peak memory after the step (memory_stats(),
+                 where the device reports it) and the median update time of --update-repeats calls after compilation;
     minatar      drmg.py on Breakout-MinAtar with each torso (--network minatar, resnet) for --minatar-seconds each:
                  steady-state SPS and the return reached (0 skips this part);
 and writes summary.md (a table to paste into the README), results.json, and drmg_returns.png. results.json is written

@@ -30,7 +30,7 @@ class Args:
     scripts: List[str] = field(default_factory=lambda: list(MODULES))
     """the scripts (or VARIANTS) to measure"""
     chunk_envs: List[int] = field(default_factory=lambda: [0, 16])
-    """the --chunk-envs settings to measure (0: the whole batch at once; 16: the scripts' default)"""
+    """the --chunk-envs settings to measure (0: the whole batch at once; 16: the scripts' choice on CPU)"""
 
 
 if __name__ == "__main__":

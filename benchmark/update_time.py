@@ -38,7 +38,7 @@ class Args:
     scripts: List[str] = field(default_factory=lambda: list(MODULES))
     """the scripts (or VARIANTS) to time, in this order"""
     chunk_envs: List[int] = field(default_factory=lambda: [16])
-    """the --chunk-envs settings to time (0: the whole batch at once; 16: the scripts' default)"""
+    """the --chunk-envs settings to time (0: the whole batch at once; 16: the scripts' choice on CPU)"""
     stacx_two_halves: bool = False
     """stacx.py's --two-halves (the siblings' scheme) instead of the same batch for inner and outer loss"""
 

@@ -123,3 +123,58 @@ def test_a_smoke_run_logs_the_time_breakdown_and_prints_at_the_first_update(tmp_
     busy = logged["stats/learner_busy_fraction"]
     assert len(busy) == 2 and all(0 < b < 1 for b in busy)  # updates 1 and 16
     assert all(t > 0 for t in logged["stats/learner_update_time"] + logged["stats/rollout_queue_get_time"])
+
+
+class FakeCompiled:
+    """A compiled learner step that needs `needed` bytes by XLA's memory analysis."""
+
+    def __init__(self, chunk_envs, needed):
+        self.chunk_envs = chunk_envs
+        self.analysis = SimpleNamespace(
+            temp_size_in_bytes=needed, argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0
+        )
+
+    def memory_analysis(self):
+        return self.analysis
+
+
+# What a learner step needs at each --chunk-envs over 128 envs (0: all), in MiB: less for smaller chunks.
+NEEDED_MIB = {0: 800, 64: 420, 32: 230, 16: 130, 8: 80, 4: 55, 2: 42, 1: 36}
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize(
+    "platform,chunk_envs,budget_mib,chosen",
+    [
+        ("gpu", None, 1000, [0]),  # the whole batch fits: one compilation
+        ("gpu", None, 800, [0]),
+        ("gpu", None, 799, [0, 64]),
+        ("gpu", None, 200, [0, 64, 32, 16]),
+        ("gpu", None, 36, [0, 64, 32, 16, 8, 4, 2, 1]),
+        ("gpu", None, 35, "stop"),  # below the smallest chunk
+        ("gpu", 8, 1000, [8]),  # an explicit value stays explicit, even where more would fit
+        ("gpu", 8, 79, "stop"),
+        ("cpu", None, 1000, [16]),  # on CPU the fastest there, not the largest that fits
+        ("cpu", 0, 1000, [0]),
+    ],
+)
+def test_the_automatic_chunk_is_the_largest_that_fits(name, platform, chunk_envs, budget_mib, chosen):
+    module = MODULES[name]
+    args = module.Args(local_num_envs=64, num_actor_threads=2, chunk_envs=chunk_envs, memory_limit_gib=budget_mib / 1024)
+    tried = []
+
+    def compile_at(chunk):
+        tried.append(chunk)
+        return FakeCompiled(chunk, NEEDED_MIB[chunk] * 2**20)
+
+    device = SimpleNamespace(platform=platform, device_kind="fake")
+    if chosen == "stop":
+        with pytest.raises(SystemExit, match=r"^the learner step needs [\d.]+ MiB per learner device \(fake\) and there"):
+            module.compile_learner_step(compile_at, args, [device])
+        return
+    compiled, line = module.compile_learner_step(compile_at, args, [device])
+    assert tried == chosen and compiled.chunk_envs == chosen[-1]
+    how = "given" if chunk_envs is not None else "CPU" if platform == "cpu" else "largest to fit"
+    assert line.endswith(f"of {budget_mib / 1024:.1f} GiB, --chunk-envs {chosen[-1]} ({how})") or line.endswith(
+        f"of {float(budget_mib):.1f} MiB, --chunk-envs {chosen[-1]} ({how})"
+    ), line
