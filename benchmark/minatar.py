@@ -10,7 +10,8 @@ finished, leaves its results in {out_dir}/{agent}/{game}_seed{seed}.json: the co
 episode's return binned by --bin-steps, the mean return of the last 10% of its episodes, and the first and last logged
 value of each meta-parameter. A run with results is not run again, so the grid can be stopped and continued; results
 made with other flags are refused (use another --out-dir). The summary ({out_dir}/summary.md, one plot per game
-{out_dir}/{game}.png, all games in {out_dir}/minatar.png):
+{out_dir}/{game}.png, all games in {out_dir}/minatar.png; the same names prefixed "ablations_" for a grid with an
+ablation agent):
     - per game and agent, the final return (mean of the last 10% of episodes), mean and std over seeds;
     - across games, the interquartile mean of normalised scores (0: a random policy's return, measured here and kept in
       {out_dir}/random.json; 1: gymnax's PPO reference at 10M steps) with 95% stratified bootstrap confidence intervals
@@ -303,6 +304,12 @@ def iqm_with_ci(scores: dict, reps: int) -> dict:
     return {a: (float(point[a][0]), float(interval[a][0, 0]), float(interval[a][1, 0])) for a in scores}
 
 
+def stem(args: Args) -> str:
+    """The prefix of this grid's summary and plots: none for the table's agents (QR, DrMG, MG, STACX), "ablations_" for a
+    grid with an ablation, so that it never overwrites the table's files."""
+    return "" if set(args.agents) <= set(Args().agents) else "ablations_"
+
+
 def summarise(args: Args) -> str:
     results = {}
     for agent in args.agents:
@@ -315,7 +322,7 @@ def summarise(args: Args) -> str:
         raise SystemExit(f"no results under {args.out_dir} for this grid")
     random = random_returns(args)
     lines = [
-        "# MinAtar: QR, DrMG, MG and STACX",
+        "# MinAtar: " + ", ".join(LABELS[a] for a in args.agents),
         "",
         f"Final return (mean of the last 10% of episodes) after {args.total_timesteps:,} steps, mean ± std over seeds (n);",
         "a random policy's return and gymnax's PPO reference after 10M steps beside it.",
@@ -366,7 +373,7 @@ def summarise(args: Args) -> str:
     commands = sorted({r["command"].replace(f"--seed {r['seed']}", "--seed S") for r in results.values()})
     lines += ["", "Commands (S: the seed):", "", "```", *commands, "```", ""]
     summary = "\n".join(lines)
-    with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
+    with open(os.path.join(args.out_dir, f"{stem(args)}summary.md"), "w") as f:
         f.write(summary)
     try:
         plot(args, results)
@@ -400,14 +407,14 @@ def plot(args: Args, results: dict):
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax, game)
         fig.tight_layout()
-        fig.savefig(os.path.join(args.out_dir, f"{game}.png"), dpi=110)
+        fig.savefig(os.path.join(args.out_dir, f"{stem(args)}{game}.png"), dpi=110)
         plt.close(fig)
     fig, axes = plt.subplots(1, len(args.games), figsize=(5 * len(args.games), 3.8), squeeze=False)
     for ax, game in zip(axes[0], args.games):
         draw(ax, game)
     fig.suptitle("MinAtar: mean over seeds, band min-max", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "minatar.png"), dpi=110)
+    fig.savefig(os.path.join(args.out_dir, f"{stem(args)}minatar.png"), dpi=110)
     plt.close(fig)
 
 

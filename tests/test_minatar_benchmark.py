@@ -56,6 +56,12 @@ def test_tiny_grid_writes_its_results_skips_them_when_run_again_and_summarises(t
     assert {agent: os.path.getmtime(path) for agent, path in paths.items()} == mtimes
     with pytest.raises(SystemExit, match="use another --out-dir"):
         minatar.main(tiny_grid(tmp_path, flags=TINY + " --learning-rate 1e-3"))
+    # an ablation's summary goes beside the table's, not over it
+    table = (tmp_path / "results" / "summary.md").read_text()
+    minatar.summarise(tiny_grid(tmp_path, agents=["drmg", "drmg_eta1"]))  # drmg_eta1 has no result: a "–" cell
+    assert (tmp_path / "results" / "summary.md").read_text() == table
+    ablation = (tmp_path / "results" / "ablations_summary.md").read_text()
+    assert "| DrMG | DrMG(eta1) |" in ablation and os.path.exists(tmp_path / "results" / "ablations_Breakout-MinAtar.png")
 
 
 def test_iqm_and_its_interval_are_rliables_over_runs_and_games():
