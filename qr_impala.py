@@ -693,6 +693,8 @@ def check_args(args: Args):
         raise SystemExit(f"--chunk-envs {args.chunk_envs}: must be >= 0 (0: the whole batch at once)")
     if args.noop_max < 0 or args.envpool_threads < 0 or args.max_episode_steps < 1:
         raise SystemExit("--noop-max and --envpool-threads must be >= 0 and --max-episode-steps >= 1")
+    if args.envpool_threads > args.local_num_envs:  # EnvPool aborts natively on absurd counts; more are idle anyway
+        raise SystemExit(f"--envpool-threads {args.envpool_threads}: at most --local-num-envs ({args.local_num_envs})")
     if args.log_frequency < 1 or args.eval_episodes < 1 or args.save_every < 0 or args.total_timesteps < 1:
         raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
@@ -790,6 +792,18 @@ def learner_memory(compiled, args: Args, learner_devices: Sequence[jax.Device]) 
     if available is not None and learner_devices[0].platform == "cpu" and not args.memory_limit_gib:
         available //= len(learner_devices)  # host devices share the RAM
     return needed, available
+
+
+def check_params_fit(init, args: Args, learner_devices: Sequence[jax.Device]):
+    """Stop in one line, before anything is allocated or written, if the network's parameters (`init()`'s, read without
+    running it) cannot fit a learner device on their own; the compiled learner step's check comes after."""
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(init)))
+    available = args.memory_limit_gib * 2**30 or available_memory(learner_devices[0])
+    if available is not None and needed > available:
+        raise SystemExit(
+            f"the network's parameters need {needed / 2**30:.1f} GiB and a learner device ({learner_devices[0].device_kind}) "
+            f"has {available / 2**30:.1f} GiB: lower the flags that size the network"
+        )
 
 
 def compile_learner_step(compile_at, args: Args, learner_devices: Sequence[jax.Device]):
@@ -1015,7 +1029,9 @@ if __name__ == "__main__":
     key, network_key, actor_key = jax.random.split(key, 3)
     envs = make_env(args.env_id, args.seed, 1, args)
     network = AgentNetwork(envs.action_space.n, args.num_quantiles, args.network)
-    params = network.init(network_key, np.array([envs.observation_space.sample()]))
+    init = partial(network.init, network_key, np.array([envs.observation_space.sample()]))
+    check_params_fit(init, args, learner_devices)
+    params = init()
     observation_space, num_actions = envs.observation_space, envs.action_space.n
     del envs
 

@@ -5,6 +5,7 @@ import errno
 import glob
 import importlib.util
 import os
+import re
 import runpy
 import signal
 import socket
@@ -296,6 +297,8 @@ BAD_FLAGS = [
     (["--env-id", "Pong-v5", "--noop-max", "-1"], "--noop-max and --envpool-threads must be >= 0"),
     (["--envpool-threads", "-1"], "--noop-max and --envpool-threads must be >= 0"),
     (["--max-episode-steps", "0"], "--max-episode-steps >= 1"),
+    (["--envpool-threads", "5"], "--envpool-threads 5: at most --local-num-envs (4)"),  # 10**9 aborted in C++
+    (["--num-quantiles", "1000000000"], "the network's parameters need 957.4 GiB and a learner device (cpu) has"),
     (["--env-id", "os.x_jax"], "a JAX environment is a module name, without dots"),
     (["--env-id", "evil.x_jax"], "a JAX environment is a module name, without dots"),
 ]
@@ -337,6 +340,13 @@ def test_the_siblings_check_their_flags_too(tmp_path, monkeypatch, script):
     for flags, message in cases:
         assert message in refusal(tmp_path, monkeypatch, script, *flags, "--env-id", env_id)
     assert os.listdir(tmp_path) == ["runs"]
+
+
+@pytest.mark.parametrize("script,flag", [("drmg", "--num-quantiles"), ("mg", "--eta-embedding-size"), ("stacx", "--num-heads")])
+def test_a_network_too_large_for_the_device_is_refused_before_it_is_allocated(tmp_path, monkeypatch, script, flag):
+    message = refusal(tmp_path, monkeypatch, script, flag, "10000000000", "--total-timesteps", "64", *CARTPOLE)
+    assert re.fullmatch(r"the network's parameters need [\d.]+ GiB and a learner device \(cpu\) has [\d.]+ GiB: .*", message)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("name", IMPALA_FAMILY)
