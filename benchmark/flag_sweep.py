@@ -41,6 +41,7 @@ TINY = {
     "mrp_metagrad.py": ["--num-updates", "20", "--mc-samples", "4", "--inner-steps", "1", "2"],
 }
 HUGE = {"int": "1000000000", "float": "1e30"}
+COMMIT = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 # Filled in at startup from the other flags: a value given is overwritten (tests/test_flags.py lists them).
 FILLED_IN = {"local_batch_size", "batch_size", "num_updates", "world_size"}
 
@@ -111,6 +112,8 @@ def outcome(script: str, flags: list[str], timeout: float) -> dict:
     if result.returncode == 0:
         nan = "nan" in result.stdout.lower()
         return dict(kind="defect: NaN" if nan else "trains", line=result.stdout.strip().splitlines()[-1][:200])
+    if "non-finite" in result.stderr and "the last finite checkpoint" in result.stderr:  # docs/long-runs.md's guard
+        return dict(kind="stopped by the non-finite guard", line=stderr[-1][:200])
     if "Traceback" in result.stderr:
         return dict(kind="defect: traceback", line=stderr[-1][:200])
     if written:
@@ -136,7 +139,7 @@ def main(args: Args):
                     refusal = precheck(script, flags)
                     print(f"{key}: {'refused: ' + refusal if refusal else 'accepted: would run'}")
                     continue
-                results[key] = outcome(script, flags, args.timeout)
+                results[key] = dict(outcome(script, flags, args.timeout), commit=COMMIT)
                 print(f"{key}: {results[key]['kind']}: {results[key]['line']}", flush=True)
                 with open(args.out + ".tmp", "w") as f:
                     json.dump(results, f, indent=1, sort_keys=True)
