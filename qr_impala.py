@@ -1137,21 +1137,23 @@ if __name__ == "__main__":
             thread.join(timeout=10)  # a stuck actor is left to end with the process (a daemon thread)
         writer.close()
 
-    def receive(thread_id):
-        """The next rollout of an actor thread, None once the run is asked to stop; a failed actor stops the run."""
+    def exchange(thread_id, params=None):
+        """The next rollout of an actor thread, or with `params` give it new parameters; None once the run is asked to
+        stop (an actor that stopped takes no parameters: waiting for it would hang); a failed actor stops the run."""
         start = time.time()
         while not stop.is_set():
             if not errors.empty():
                 thread_name, error = errors.get()
                 raise RuntimeError(f"{thread_name} failed: {type(error).__name__}: {error}") from error
             try:
-                return rollout_queues[thread_id].get(timeout=1.0)
-            except queue.Empty:
+                if params is None:
+                    return rollout_queues[thread_id].get(timeout=1.0)
+                return params_queues[thread_id].put(params, timeout=1.0)
+            except (queue.Empty, queue.Full):
                 if time.time() - start > args.queue_timeout:
                     status = actor_status[thread_id]
-                    raise TimeoutError(
-                        f"actor thread {thread_id} sent no rollout for {args.queue_timeout:g} s: it is {status}"
-                    )
+                    what = "sent no rollout" if params is None else "took no parameters"
+                    raise TimeoutError(f"actor thread {thread_id} {what} for {args.queue_timeout:g} s: it is {status}")
         return None
 
     def training_state():
@@ -1169,7 +1171,7 @@ if __name__ == "__main__":
     update = last_log = start_update
     while update < args.num_updates:
         wait_start = time.time()
-        items = [receive(thread_id) for thread_id in range(len(rollout_queues))]
+        items = [exchange(thread_id) for thread_id in range(len(rollout_queues))]
         if stop.is_set():
             break
         update += 1
@@ -1189,9 +1191,7 @@ if __name__ == "__main__":
             new_params = local_params(agent_state)
             for d_idx, d_id in enumerate(args.actor_device_ids):
                 for thread_id in range(args.num_actor_threads):
-                    params_queues[d_idx * args.num_actor_threads + thread_id].put(
-                        jax.device_put(new_params, local_devices[d_id])
-                    )
+                    exchange(d_idx * args.num_actor_threads + thread_id, jax.device_put(new_params, local_devices[d_id]))
         if (update - start_update) % args.log_frequency == 0 or update in (start_update + 1, args.num_updates):
             sps = int((global_step - start_step) / (time.time() - start_time))
             busy = learner_time / (learner_time + learner_wait_time)
