@@ -42,6 +42,11 @@ from tensorboardX import SummaryWriter
 import snake_jax
 
 
+# =====================================================================================================================
+# FLAGS: the experiment's settings.
+# =====================================================================================================================
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -134,53 +139,9 @@ class Args:
     """the number of updates of theta"""
 
 
-def check_args(args: Args):
-    """Fail before anything is written, with a message that says what to change."""
-    if args.env_id != "snake_jax":
-        raise SystemExit(f"--env-id {args.env_id}: only snake_jax, a pure JAX game whose state the look-ahead rollouts copy")
-    if args.inner_steps < 0:
-        raise SystemExit("--inner-steps must be >= 0 (0: fixed hyperparameters)")
-    if args.max_episode_steps < 1:
-        raise SystemExit("--max-episode-steps must be >= 1")
-    if args.mix and args.inner_steps < 1:
-        raise SystemExit("--mix needs --inner-steps >= 1")
-    if args.kappa is not None and not (0 <= args.kappa <= 1):
-        raise SystemExit("--kappa must lie in [0, 1]")
-    if args.kappa is not None and not args.mix:
-        raise SystemExit("--kappa only applies with --mix")
-    if min(args.num_envs, args.num_steps, args.log_frequency, args.variance_samples, args.variance_batch) < 1:
-        raise SystemExit("--num-envs, --num-steps, --log-frequency, --variance-samples and --variance-batch must be positive")
-    if args.variance_samples < 2:
-        raise SystemExit("--variance-samples must be at least 2 (a standard deviation)")
-    if args.variance_points < 0:
-        raise SystemExit("--variance-points must be >= 0")
-    if args.variance_points and (1 not in args.variance_nstep or min(args.variance_nstep + args.variance_mix) < 1):
-        raise SystemExit("--variance-nstep must contain 1 (the normaliser) and every n must be >= 1")
-    if args.adam_eps_root <= 0 and args.inner_steps > 0:
-        raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
-    for name in ("gamma", "lambda_", "crit_coef", "ent_coef"):
-        if not 0 < getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} is a sigmoid of a logit here: it must lie in (0, 1)")
-    if not (0 <= args.outer_gamma <= 1 and 0 <= args.outer_lambda <= 1):
-        raise SystemExit("--outer-gamma and --outer-lambda must lie in [0, 1]")
-    if args.board_size < 2:
-        raise SystemExit("--board-size must be at least 2")
-    if args.save_every < 0 or args.total_timesteps < 1:
-        raise SystemExit("--save-every must be >= 0 and --total-timesteps >= 1")
-    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
-        raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        raise SystemExit("--track needs Weights & Biases: pip install wandb")
-    positive = ("learning_rate", "adam_eps", "max_grad_norm", "meta_learning_rate", "meta_grad_clip")
-    if not all(0 < getattr(args, name) < np.inf for name in positive):
-        raise SystemExit(
-            "--learning-rate, --adam-eps, --max-grad-norm, --meta-learning-rate, --meta-grad-clip: positive, finite"
-        )
-    run_root = "runs" if os.path.exists("runs") else "."
-    if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
-        raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
-    if args.resume and not os.access(os.path.dirname(os.path.abspath(args.resume)), os.W_OK):
-        raise SystemExit(f"cannot write the run directory of --resume {args.resume}")
+# =====================================================================================================================
+# ALGO LOGIC: the network, the lambda-return and A2C loss, eta, the n-step and mixed meta-gradients.
+# =====================================================================================================================
 
 
 def max_pool_2x2(x):
@@ -451,6 +412,12 @@ def fixed_update(agent_state, meta_state, rollout, args):
 # Snake: pure environment, the whole loop jitted.
 
 
+# =====================================================================================================================
+# ACTOR-LEARNER LOOP: Snake's rollouts and the jitted training chunk (one loop: actor and learner in one call),
+# then the meta-gradient variance probe of Table 1.
+# =====================================================================================================================
+
+
 class EnvCarry(NamedTuple):
     """A batch of Snake games and what a rollout needs to continue them: copying it copies the environments."""
 
@@ -575,6 +542,61 @@ def estimator_name(n: int, mix: bool) -> str:
     return f"{n}-mix" if mix else f"{n}-step"
 
 
+# =====================================================================================================================
+# TRY NOT TO MODIFY: plumbing (argument checks, checkpoints and resume, guards, logging), written as in the
+# IMPALA-family scripts where they have the same part.
+# =====================================================================================================================
+
+
+def check_args(args: Args):
+    """Fail before anything is written, with a message that says what to change."""
+    if args.env_id != "snake_jax":
+        raise SystemExit(f"--env-id {args.env_id}: only snake_jax, a pure JAX game whose state the look-ahead rollouts copy")
+    if args.inner_steps < 0:
+        raise SystemExit("--inner-steps must be >= 0 (0: fixed hyperparameters)")
+    if args.max_episode_steps < 1:
+        raise SystemExit("--max-episode-steps must be >= 1")
+    if args.mix and args.inner_steps < 1:
+        raise SystemExit("--mix needs --inner-steps >= 1")
+    if args.kappa is not None and not (0 <= args.kappa <= 1):
+        raise SystemExit("--kappa must lie in [0, 1]")
+    if args.kappa is not None and not args.mix:
+        raise SystemExit("--kappa only applies with --mix")
+    if min(args.num_envs, args.num_steps, args.log_frequency, args.variance_samples, args.variance_batch) < 1:
+        raise SystemExit("--num-envs, --num-steps, --log-frequency, --variance-samples and --variance-batch must be positive")
+    if args.variance_samples < 2:
+        raise SystemExit("--variance-samples must be at least 2 (a standard deviation)")
+    if args.variance_points < 0:
+        raise SystemExit("--variance-points must be >= 0")
+    if args.variance_points and (1 not in args.variance_nstep or min(args.variance_nstep + args.variance_mix) < 1):
+        raise SystemExit("--variance-nstep must contain 1 (the normaliser) and every n must be >= 1")
+    if args.adam_eps_root <= 0 and args.inner_steps > 0:
+        raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
+    for name in ("gamma", "lambda_", "crit_coef", "ent_coef"):
+        if not 0 < getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} is a sigmoid of a logit here: it must lie in (0, 1)")
+    if not (0 <= args.outer_gamma <= 1 and 0 <= args.outer_lambda <= 1):
+        raise SystemExit("--outer-gamma and --outer-lambda must lie in [0, 1]")
+    if args.board_size < 2:
+        raise SystemExit("--board-size must be at least 2")
+    if args.save_every < 0 or args.total_timesteps < 1:
+        raise SystemExit("--save-every must be >= 0 and --total-timesteps >= 1")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
+        raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("--track needs Weights & Biases: pip install wandb")
+    positive = ("learning_rate", "adam_eps", "max_grad_norm", "meta_learning_rate", "meta_grad_clip")
+    if not all(0 < getattr(args, name) < np.inf for name in positive):
+        raise SystemExit(
+            "--learning-rate, --adam-eps, --max-grad-norm, --meta-learning-rate, --meta-grad-clip: positive, finite"
+        )
+    run_root = "runs" if os.path.exists("runs") else "."
+    if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
+        raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
+    if args.resume and not os.access(os.path.dirname(os.path.abspath(args.resume)), os.W_OK):
+        raise SystemExit(f"cannot write the run directory of --resume {args.resume}")
+
+
 def local_copy(tree):
     """This process's copy of (replicated) arrays as numpy, also of arrays that span several processes."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)
@@ -660,6 +682,11 @@ def report(kind, error, traceback):
     """One line of cause first, then the traceback."""
     print(f"{os.path.basename(sys.argv[0])}: {kind.__name__}: {error}", file=sys.stderr, flush=True)
     sys.__excepthook__(kind, error, traceback)
+
+
+# =====================================================================================================================
+# MAIN: setup, the training loop, shutdown.
+# =====================================================================================================================
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ from tensorboardX import SummaryWriter
 NUM_STATES = 10
 
 
+# =====================================================================================================================
+# FLAGS: the experiment's settings.
+# =====================================================================================================================
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -70,6 +75,12 @@ class Args:
     """independent look-ahead chains averaged into each meta-gradient (eq. 9)"""
     meta_learning_rate: float = 2e-3
     """Adam learning rate beta of the gamma logits"""
+
+
+# =====================================================================================================================
+# ALGO LOGIC: the value network, the discounted and Monte Carlo targets, the n-step meta-gradient of the
+# per-state discounts, and the jitted training run.
+# =====================================================================================================================
 
 
 class ValueNetwork(nn.Module):
@@ -173,6 +184,11 @@ def make_train(args: Args, n: int):
     return train
 
 
+# =====================================================================================================================
+# TRY NOT TO MODIFY: plumbing (the plot, error reports, argument checks).
+# =====================================================================================================================
+
+
 def plot_gammas(trajectories: dict, path: str) -> bool:
     """Even and odd gamma_i against updates, one colour per n (Fig. 4 b, c). False when matplotlib is missing."""
     try:
@@ -223,6 +239,11 @@ def check_args(args: Args):
     run_root = "runs" if os.path.exists("runs") else "."
     if not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
         raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
+
+
+# =====================================================================================================================
+# MAIN: the runs of each n, the CSV and the plot.
+# =====================================================================================================================
 
 
 if __name__ == "__main__":
