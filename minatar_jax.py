@@ -127,7 +127,11 @@ def _jitted_batch_functions(env_id: str, num_envs: int, max_steps_in_episode: in
 class MinAtarVecEnv:
     """`num_envs` games of one MinAtar game behind EnvPool's gym interface (`envpool.make(..., env_type="gym")`), numpy
     in and out; each `step` is one jitted, vmapped call of `batch_step`. `reset` draws the envs from `split(key, B)` with
-    the key the seed's PRNGKey after one split; `max_steps_in_episode` (0: gymnax's) is the time limit."""
+    the key the seed's PRNGKey after one split; `max_steps_in_episode` (0: gymnax's) is the time limit.
+
+    For an actor that steps on device (the IMPALA-family scripts' `make_device_unroll`): `state` is the batch's
+    EnvState after `reset`, and `batch_step(state, actions) -> (state, (obs, reward, terminated, truncated,
+    elapsed_step))` the pure function that `step` runs, to be composed with a policy inside one jitted call."""
 
     def __init__(self, env_id: str, num_envs: int, seed: int, max_steps_in_episode: int = 0):
         env, params = make_game(env_id, max_steps_in_episode)
@@ -139,6 +143,11 @@ class MinAtarVecEnv:
         self._key = jax.random.PRNGKey(seed)
         self._reset, self._step = _jitted_batch_functions(env_id, num_envs, max_steps_in_episode)
         self.env_state = None
+        self.batch_step = functools.partial(batch_step, env_id, max_steps_in_episode=max_steps_in_episode)
+
+    @property
+    def state(self) -> EnvState:
+        return self.env_state
 
     def _info(self, reward, elapsed_step, terminated) -> dict:
         return {

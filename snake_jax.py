@@ -229,6 +229,10 @@ class SnakeVecEnv:
     Auto-reset as in EnvPool: the step at which an env's episode ends returns that episode's final observation; the
     next `step` ignores that env's action and returns the first observation of a new episode, with reward 0,
     terminated and truncated False and info["elapsed_step"] 0. Each `step` is one jitted, vmapped call.
+
+    For an actor that steps on device (the IMPALA-family scripts' `make_device_unroll`): `state` is the batch's
+    (states, reset_now) after `reset`, and `batch_step(state, actions) -> (state, (obs, reward, terminated, truncated,
+    elapsed_step))` the pure function that `step` runs, to be composed with a policy inside one jitted call.
     """
 
     def __init__(self, num_envs: int, seed: int, board_size: int = BOARD_SIZE, max_episode_steps: int = MAX_EPISODE_STEPS):
@@ -241,6 +245,15 @@ class SnakeVecEnv:
         self._key = jax.random.PRNGKey(seed)
         self._reset, self._step = _jitted_batch_functions(board_size, max_episode_steps)
         self._state, self._reset_now = None, None
+
+    @property
+    def state(self):
+        return self._state, self._reset_now
+
+    def batch_step(self, state, actions: jax.Array):
+        """`step` as a pure function of (states, reset_now): (state, (obs, reward, terminated, truncated, elapsed))."""
+        states, obs, reward, terminated, truncated = envpool_step(*state, actions, self.max_episode_steps)
+        return (states, terminated | truncated), (obs, reward, terminated, truncated, states.step_count)
 
     def _info(self, reward, elapsed_step, terminated) -> dict:
         return {

@@ -718,6 +718,9 @@ def rollout(
     episode_returns = np.zeros(num_envs)
     obs, _ = envs.reset()
     reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
+    # A JAX environment steps on device: the whole unroll of the policy and the environment in one jitted call.
+    device_unroll = make_device_unroll(envs, get_action, args.num_steps) if hasattr(envs, "batch_step") else None
+    env_state = jax.device_put(envs.state, actor_device) if device_unroll else None
     start_update, global_step = start
     for update in range(start_update + 1, args.num_updates + 1):
         rollout_start = time.time()
@@ -733,19 +736,31 @@ def rollout(
         storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
         finished = []  # (global step at its end, return, length) of every episode that ends in this unroll
         status[device_thread_id] = "stepping its environments"
+        if device_unroll:  # its steps are replayed below: stats/inference_time covers the policy and the environment
+            inference_start = time.time()
+            env_state, key, unrolled = device_unroll((params,), env_state, jax.device_put(obs, actor_device), key)
+            unrolled = jax.device_get(unrolled)
+            inference_time += time.time() - inference_start
         for t in range(args.num_steps):
             if stop.is_set():
                 return
             inference_start = time.time()
-            actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
-            actions = np.asarray(actions)
+            if device_unroll:
+                actions, logits = unrolled[0][t], unrolled[1][t]
+            else:
+                actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
+                actions = np.asarray(actions)
             inference_time += time.time() - inference_start
             storage["obs"].append(obs)
             storage["actions"].append(actions)
             storage["behaviour_logits"].append(logits)
             storage["resets"].append(reset_next)
             env_start = time.time()
-            obs, reward, terminated, truncated, info = envs.step(actions)
+            if device_unroll:
+                obs, reward, terminated, truncated, elapsed = (x[t] for x in unrolled[2:])
+            else:
+                obs, reward, terminated, truncated, info = envs.step(actions)
+                elapsed = info["elapsed_step"]
             env_time += time.time() - env_start
             terminated, truncated = terminated.astype(bool), truncated.astype(bool)
             storage["rewards"].append(reward)
@@ -754,7 +769,7 @@ def rollout(
             episode_returns += reward
             done = terminated | truncated
             end_step = global_step + (t + 1) * steps_per_tick
-            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], info["elapsed_step"][done])]
+            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], elapsed[done])]
             episode_returns[done] = 0.0
             reset_next = done
         storage["obs"].append(obs)
@@ -786,6 +801,26 @@ def rollout(
         if device_thread_id == 0 and returned_episode_returns:
             writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
     status[device_thread_id] = "done"
+
+
+def make_device_unroll(envs, get_action, num_steps: int):
+    """For a JAX environment (a vector env with a pure `batch_step(state, actions)` and its `state`): `num_steps` steps
+    of `get_action` and the environment in one jitted lax.scan instead of two calls per step, with the same keys.
+    (policy_inputs, state, obs, key) -> (state, key, (actions, logits, obs, rewards, terminations, truncations,
+    elapsed steps)), each [num_steps, B, ...], obs the observations after each step; get_action(*policy_inputs, obs, key)."""
+
+    def one_step(policy_inputs, carry, _):
+        state, obs, key = carry
+        actions, logits, key = get_action(*policy_inputs, obs, key)
+        state, (obs, reward, terminated, truncated, elapsed) = envs.batch_step(state, actions)
+        return (state, obs, key), (actions, logits, obs, reward, terminated, truncated, elapsed)
+
+    @jax.jit
+    def unroll(policy_inputs, state, obs, key):
+        (state, _, key), steps = jax.lax.scan(partial(one_step, policy_inputs), (state, obs, key), length=num_steps)
+        return state, key, steps
+
+    return unroll
 
 
 def actor_thread(errors: queue.Queue, **rollout_kwargs):
