@@ -48,6 +48,7 @@ from qr_impala_sps import random_action_sps  # noqa: E402
 
 SCRIPTS = ("qr_impala", "drmg")
 # The CPU rehearsal: a vector environment and a small batch, the same code paths.
+COMPILE_LIMIT = 900.0  # seconds a training run may take to compile and start before it is stopped
 TINY_FLAGS = ["--local-num-envs", "4", "--num-actor-threads", "1", "--num-steps", "8"]
 
 
@@ -57,16 +58,16 @@ class Args:
     """where every result goes"""
     env_id: str = "Breakout-v5"
     """the environment of every part"""
-    train_seconds: float = 100.0
-    """seconds of each training run (from its start: compilation included)"""
-    curve_seconds: float = 120.0
+    train_seconds: float = 75.0
+    """seconds of each training run after its compilation"""
+    curve_seconds: float = 90.0
     """seconds drmg.py trains on after its SPS window, for its return curve"""
     random_seconds: float = 15.0
     """seconds of EnvPool's random-action rate"""
     update_repeats: int = 5
     """timed learner updates per script and chunk setting"""
-    minatar_seconds: float = 45.0
-    """seconds of each drmg.py run on Breakout-MinAtar, one per torso (0: skip the part)"""
+    minatar_seconds: float = 30.0
+    """seconds of each drmg.py run on Breakout-MinAtar after its compilation, one per torso (0: skip the part)"""
     tiny: bool = False
     """the CPU rehearsal: CartPole-v1, 4 envs, one actor thread, 8 steps, a few seconds per part"""
 
@@ -93,14 +94,18 @@ def train(script: str, args: Args, seconds: float, cwd: str, env_id: str = "", e
     flags += ["--exp-name", name]
     command = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags]
     print(" ".join(command), flush=True)
-    with open(os.path.join(args.out_dir, f"{name}_stdout.log"), "w") as log:
+    path = os.path.join(args.out_dir, f"{name}_stdout.log")
+    with open(path, "w") as log:
         process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=USER_ENV)
-        try:
-            process.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=600)
-    with open(os.path.join(args.out_dir, f"{name}_stdout.log")) as f:
+        begin, started = time.time(), None  # the run has started once it prints "run ...", after its compilation
+        while process.poll() is None:
+            if started is None and any(line.startswith("run ") for line in open(path)):
+                started = time.time()
+            if time.time() - (started or begin) > (seconds if started else COMPILE_LIMIT):
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=600)
+            time.sleep(0.2)
+    with open(path) as f:
         output = f.read()
     runs = glob.glob(os.path.join(cwd, "runs", f"*__{name}__*"))
     if not runs or process.returncode not in (0, 128 + signal.SIGTERM):
@@ -212,9 +217,9 @@ def _flat(tree: dict, prefix: str = ""):
 def main(args: Args, command: str = "benchmark/gpu_check.main (from Python)"):
     if args.tiny:
         args.env_id = "CartPole-v1"
-        args.train_seconds, args.curve_seconds = min(args.train_seconds, 30.0), min(args.curve_seconds, 5.0)
+        args.train_seconds, args.curve_seconds = min(args.train_seconds, 15.0), min(args.curve_seconds, 5.0)
         args.random_seconds, args.update_repeats = min(args.random_seconds, 1.0), min(args.update_repeats, 2)
-        args.minatar_seconds = min(args.minatar_seconds, 20.0)
+        args.minatar_seconds = min(args.minatar_seconds, 10.0)
     os.makedirs(args.out_dir, exist_ok=True)
     results = dict(training={}, learner={}, minatar={})
     part(results, args, "versions", versions)
