@@ -253,13 +253,19 @@ def test_an_actor_that_fails_or_hangs_stops_the_run_with_one_line_of_cause_first
     timeout = ["--queue-timeout", "4"] if failure == "hangs" else []
     (tmp_path / "crash_jax.py").write_text(
         "import time\n\nimport snake_jax\n\n"
-        "class Crashing(snake_jax.SnakeVecEnv):\n"
+        "class Crashing:  # stepped one call at a time: no batch_step, so the actor does not unroll it on device\n"
         "    calls = 0\n\n"
+        "    def __init__(self, num_envs, seed):\n"
+        "        self.envs = snake_jax.SnakeVecEnv(num_envs=num_envs, seed=seed)\n\n"
+        "    def __getattr__(self, name):\n"
+        "        if name in ('batch_step', 'state'):\n"
+        "            raise AttributeError(name)\n"
+        "        return getattr(self.envs, name)\n\n"
         "    def step(self, actions):\n"
         "        self.calls += 1\n"
         "        if self.calls == 12:\n"
         f"            {statement}\n"
-        "        return super().step(actions)\n\n\n"
+        "        return self.envs.step(actions)\n\n\n"
         "def make_vec_env(num_envs, seed):\n"
         "    return Crashing(num_envs=num_envs, seed=seed)\n"
     )
