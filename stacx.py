@@ -977,14 +977,14 @@ def learner_memory(compiled, args: Args, learner_devices: Sequence[jax.Device]) 
 
 
 def check_params_fit(init, args: Args, learner_devices: Sequence[jax.Device]):
-    """Stop in one line, before anything is allocated or written, if four copies of the network's parameters (`init()`'s,
-    read without running it: the parameters, their host copy, the gradients, RMSProp's state) cannot fit a learner
+    """Stop in one line, before anything is allocated or written, if three copies of the network's parameters
+    (`init()`'s, read without running it: the parameters, their gradients, RMSProp's state) cannot fit a learner
     device; the compiled learner step's check comes after."""
-    needed = 4 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(init)))
+    needed = 3 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(init)))
     available = args.memory_limit_gib * 2**30 or available_memory(learner_devices[0])
     if available is not None and needed > available:
         raise SystemExit(
-            f"the network's parameters need {needed / 2**30:.1f} GiB (4 copies) and a learner device "
+            f"the network's parameters need {needed / 2**30:.1f} GiB (3 copies) and a learner device "
             f"({learner_devices[0].device_kind}) has {available / 2**30:.1f} GiB: lower the flags that size the network"
         )
 
