@@ -217,28 +217,8 @@ def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thr
     monkeypatch.setitem(sys.modules, "scripted_jax", SimpleNamespace(make_vec_env=vec_env))
     args = module.Args(env_id="scripted_jax", local_num_envs=2, num_actor_threads=2, num_steps=6)
     args.num_updates, args.world_size = 2, 1
-    _, states, _ = learner(name, args, SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32)), NUM_ACTIONS)
-    params = states[0].params
-    if name == "mg":
-        params = (params, mg.conditioning(mg.hyperparameters(states[1].params, args)))
-    rollout_queue, params_queue, writer, returns = queue.Queue(), queue.Queue(), Recorder(), deque(maxlen=100)
-    params_queue.put(params)
-    device = jax.devices()[0]
-    stop, status = threading.Event(), ["starting"] * 2
-    module.rollout(
-        jax.random.PRNGKey(0),
-        args,
-        rollout_queue,
-        params_queue,
-        writer,
-        [device],
-        thread,
-        device,
-        (0, 0),
-        returns,
-        stop,
-        status,
-    )
+    space = SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32))
+    rollout_queue, writer, returns = run_actor(module, args, space, NUM_ACTIONS, thread, jax.random.PRNGKey(0))
     # each env step of this thread is one step of the 2 envs of each of the 2 threads: 4 global steps
     (step_1, first), (step_2, second) = rollout_queue.get(), rollout_queue.get()
     assert (step_1, step_2) == (24, 48)
@@ -340,6 +320,23 @@ def test_mix_metagrad_snake_rollouts_follow_envpools_rule(broken, monkeypatch):
     assert np.all(counts > 5), counts  # terminations, truncations and reset steps all happened
 
 
+def run_actor(module, args, observation_space, num_actions, thread, key):
+    """Run actor thread `thread` of `module` to its last update (args.num_updates) with the network's initial params:
+    (its rollout queue, what it logged, the episode returns it kept)."""
+    _, states, _ = learner(module.__name__, args, observation_space, num_actions)
+    params = states[0].params
+    if module is mg:
+        params = (params, mg.conditioning(mg.hyperparameters(states[1].params, args)))
+    rollout_queue, params_queue, writer, returns = queue.Queue(), queue.Queue(), Recorder(), deque(maxlen=100)
+    for _ in range(args.num_updates - 1):  # every update but the second takes parameters (Cleanba's rule)
+        params_queue.put(params)
+    device = jax.devices()[0]
+    status = ["starting"] * args.num_actor_threads
+    module.rollout(key, args, rollout_queue, params_queue, writer, [device], thread, device, (0, 0), returns,
+                   threading.Event(), status)  # fmt: skip
+    return rollout_queue, writer, returns
+
+
 class StepByStep:
     """A JAX vector env without its device step (`batch_step`, `state`): the actor calls it one step at a time."""
 
@@ -357,20 +354,11 @@ def actor_record(module, env_id, make_env):
     args = module.Args(env_id=env_id, local_num_envs=4, num_actor_threads=1, num_steps=16)
     args.num_updates, args.world_size = 3, 1
     probe = module.make_env(env_id, 0, 1, args)
-    _, states, _ = learner(module.__name__, args, probe.observation_space, probe.action_space.n)
-    params = states[0].params
-    if module is mg:
-        params = (params, mg.conditioning(mg.hyperparameters(states[1].params, args)))
-    rollout_queue, params_queue, writer, returns = queue.Queue(), queue.Queue(), Recorder(), deque(maxlen=100)
-    for _ in range(2):  # updates 1 and 3 take parameters (Cleanba's rule)
-        params_queue.put(params)
-    device = jax.devices()[0]
     original = module.make_env
     module.make_env = make_env(original)
     try:
-        module.rollout(
-            jax.random.PRNGKey(3), args, rollout_queue, params_queue, writer, [device], 0, device, (0, 0), returns,
-            threading.Event(), ["starting"],
+        rollout_queue, writer, _ = run_actor(
+            module, args, probe.observation_space, probe.action_space.n, 0, jax.random.PRNGKey(3)
         )
     finally:
         module.make_env = original
