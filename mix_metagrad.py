@@ -590,6 +590,12 @@ def check_args(args: Args):
         raise SystemExit(
             "--learning-rate, --adam-eps, --max-grad-norm, --meta-learning-rate, --meta-grad-clip: positive, finite"
         )
+    needed, available = least_bytes(args), available_memory(jax.devices()[0])
+    if available is not None and needed > available:
+        raise SystemExit(
+            f"one update needs at least {needed / 2**30:.3g} GiB and the device has {available / 2**30:.1f} GiB: lower "
+            "--num-envs, --num-steps, --board-size, --inner-steps, or in the variance mode --variance-batch, --variance-samples"
+        )
     run_root = "runs" if os.path.exists("runs") else "."
     if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
         raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
@@ -597,9 +603,68 @@ def check_args(args: Args):
         raise SystemExit(f"cannot write the run directory of --resume {args.resume}")
 
 
+def least_bytes(args: Args) -> int:
+    """Bytes that the training step holds at least: the observations that one update keeps for its meta-gradient (the
+    real rollout and the --inner-steps look-ahead ones; in the variance mode, --variance-batch chains of the longest n,
+    and the probe's keys and meta-gradients). In Python integers, before any array is made; the compiled chunk's check
+    comes after."""
+    rollout = args.num_envs * args.num_steps * snake_jax.NUM_CHANNELS * args.board_size**2 * 4
+    n_max = max(n for n, _ in variance_estimators(args)) if args.variance_points else 0
+    probe = args.variance_samples * (2 + 4 * n_max) * 4 if args.variance_points else 0
+    return rollout * max(args.inner_steps + 1, args.variance_batch * (n_max + 1)) + probe
+
+
+def check_fits(compiled, what: str, lower: str):
+    """Stop in one line if `compiled` needs more than the device has: XLA's temporaries, arguments and outputs, less
+    what they share, against what the device has free (on CPU, the machine's available RAM)."""
+    analysis = compiled.memory_analysis()
+    needed = sum(getattr(analysis, f"{kind}_size_in_bytes") for kind in ("temp", "argument", "output"))
+    needed -= analysis.alias_size_in_bytes
+    available = available_memory(jax.devices()[0])
+    if available is not None and needed > available:
+        raise SystemExit(f"{what} needs {needed / 2**30:.1f} GiB and the device has {available / 2**30:.1f} GiB: lower {lower}")
+
+
+def available_memory(device: jax.Device) -> Optional[int]:
+    """Bytes the learner can still take on `device`: the accelerator's free memory, or the machine's available RAM."""
+    if device.platform != "cpu":
+        stats = device.memory_stats()
+        return stats["bytes_limit"] - stats["bytes_in_use"] if stats and "bytes_limit" in stats else None
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def local_copy(tree):
     """This process's copy of (replicated) arrays as numpy, also of arrays that span several processes."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)
+
+
+# Which script wrote a checkpoint, and in which format (raise it when what save_checkpoint writes changes).
+SCRIPT = os.path.basename(__file__)
+CHECKPOINT_FORMAT = 1
+
+
+class ForeignCheckpoint(ValueError):
+    """A checkpoint that another script wrote, or this one in another format."""
+
+
+def make_run_dir(run_name: str, create: bool = True) -> str:
+    """runs/{run_name}, created here and by no other run: if another run has taken the name (the same flags started in
+    the same second), runs/{run_name}-2, -3, ..., said in one line. Only the process that writes creates it."""
+    path = os.path.join("runs", run_name)
+    if not create:
+        return path
+    os.makedirs("runs", exist_ok=True)
+    for k in range(2, 10_000):
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            taken, path = path, os.path.join("runs", f"{run_name}-{k}")
+            print(f"{taken} is another run's: this run writes to {path}")
+    raise SystemExit(f"no free run directory for {run_name} in runs/")
 
 
 def save_checkpoint(path: str, args: Args, **state):
@@ -608,7 +673,8 @@ def save_checkpoint(path: str, args: Args, **state):
     tmp_path = f"{path}.tmp"
     try:
         with open(tmp_path, "wb") as f:
-            f.write(flax.serialization.to_bytes(dict(local_copy(state), args=json.dumps(asdict(args)))))
+            saved = dict(local_copy(state), args=json.dumps(asdict(args)), script=SCRIPT, format=CHECKPOINT_FORMAT)
+            f.write(flax.serialization.to_bytes(saved))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -619,9 +685,15 @@ def save_checkpoint(path: str, args: Args, **state):
 
 
 def load_checkpoint(path: str) -> dict:
-    """What `save_checkpoint` wrote, as state dicts, with `args` an Args."""
+    """What `save_checkpoint` wrote, as state dicts, with `args` an Args; ForeignCheckpoint if this script did not write
+    it, or wrote it in another format."""
     with open(path, "rb") as f:
         saved = flax.serialization.msgpack_restore(f.read())
+    script = saved.get("script", "another program") if isinstance(saved, dict) else "another program"
+    if script != SCRIPT:
+        raise ForeignCheckpoint(f"it was written by {script}")
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ForeignCheckpoint(f"it has format {saved.get('format')}, this {SCRIPT} reads format {CHECKPOINT_FORMAT}")
     return dict(saved, args=Args(**json.loads(saved["args"])))
 
 
@@ -649,8 +721,10 @@ def resume_args(args: Args, given: set):
     Any other flag given (`given_flags`) must equal the checkpoint's, even where it equals the default."""
     try:
         saved = load_checkpoint(args.resume)
-    except Exception as e:  # noqa: B902 (a missing file, another format, another script's flags)
-        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {os.path.basename(__file__)} ({e})") from None
+    except ForeignCheckpoint as e:
+        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT}: {e}") from None
+    except Exception as e:  # noqa: B902 (a missing file, not a checkpoint at all, another script's flags)
+        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT} ({e})") from None
     for name in sorted(given - set(RESUME_FLAGS)):
         if getattr(args, name) != getattr(saved["args"], name):
             raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
@@ -706,14 +780,37 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, request_stop)
     args.batch_size = args.num_envs * args.num_steps
     args.num_updates = max(1, args.total_timesteps // args.batch_size)
+    if args.log_frequency > args.num_updates:  # a chunk longer than the run would add updates (and their memory)
+        print(f"--log-frequency {args.log_frequency} is more than the run's {args.num_updates} updates: one chunk of them")
+        args.log_frequency = args.num_updates
     # whole jitted chunks: round up to a multiple of --log-frequency
     args.num_updates = -(-args.num_updates // args.log_frequency) * args.log_frequency
     weights = None if args.inner_steps == 0 else mixing_weights(args.inner_steps, args.kappa, args.mix)
-    run_dir = (
-        os.path.dirname(args.resume)
-        if args.resume
-        else f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    key = jax.random.PRNGKey(args.seed)
+    key, network_key, env_key, probe_key = jax.random.split(key, 4)
+    network = AgentNetwork(snake_jax.NUM_ACTIONS)
+    sample_obs = jnp.zeros((1, snake_jax.NUM_CHANNELS, args.board_size, args.board_size))
+    agent_state = TrainState.create(
+        apply_fn=network.apply, params=network.init(network_key, sample_obs), tx=make_optimizer(args)
     )
+    meta_state = TrainState.create(
+        apply_fn=None,
+        params=init_meta_params(args),
+        tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
+    )
+
+    env = snake_reset(env_key, args.num_envs, args.board_size)
+    train_chunk = make_snake_train_chunk(args, weights)
+    probe = make_variance_probe(args) if args.variance_points else None
+    # compiled before anything is written (the jitted calls reuse it): a chunk that cannot fit stops here, in one line
+    check_fits(
+        train_chunk.lower(agent_state, meta_state, env).compile(),
+        "the training chunk",
+        "--num-envs, --num-steps, --board-size, --inner-steps or --log-frequency",
+    )
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(run_name)
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
     print(f"run {run_dir}: {args.num_updates} updates of {args.batch_size} steps; meta-gradient weights {weights}")
 
@@ -734,26 +831,10 @@ if __name__ == "__main__":
         "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     )
 
-    key = jax.random.PRNGKey(args.seed)
-    key, network_key, env_key, probe_key = jax.random.split(key, 4)
-    network = AgentNetwork(snake_jax.NUM_ACTIONS)
-    sample_obs = jnp.zeros((1, snake_jax.NUM_CHANNELS, args.board_size, args.board_size))
-    agent_state = TrainState.create(
-        apply_fn=network.apply, params=network.init(network_key, sample_obs), tx=make_optimizer(args)
-    )
-    meta_state = TrainState.create(
-        apply_fn=None,
-        params=init_meta_params(args),
-        tx=optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate)),
-    )
-
-    env = snake_reset(env_key, args.num_envs, args.board_size)
-    train_chunk = make_snake_train_chunk(args, weights)
-    probe = make_variance_probe(args) if args.variance_points else None
-
     num_chunks = -(-args.num_updates // args.log_frequency)
     # the variance is measured after chunks 1..num_chunks, evenly spread, never before the first real update
-    probe_chunks = set(np.linspace(1, num_chunks, args.variance_points).round().astype(int)) if args.variance_points else set()
+    points = min(args.variance_points, num_chunks)  # more points than chunks: one after every chunk
+    probe_chunks = set(np.linspace(1, num_chunks, points).round().astype(int)) if args.variance_points else set()
     variance_rows = []
     returns_history = []
     global_step, update = 0, 0

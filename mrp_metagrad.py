@@ -220,6 +220,53 @@ def report(kind, error, traceback):
     sys.__excepthook__(kind, error, traceback)
 
 
+def least_bytes(args: Args) -> int:
+    """Bytes that one run holds at least: its per-update outputs and keys, and in each update the rewards of every inner
+    step of the --mc-samples look-ahead chains, which the meta-gradient keeps for its backward pass. In Python
+    integers, before any array is made; the compiled run's check comes after."""
+    outputs = args.num_updates * (NUM_STATES + 2 + 2) * 4
+    return outputs + args.mc_samples * (max(args.inner_steps) + 1) * args.batch_size * NUM_STATES * 4
+
+
+def check_fits(compiled, what: str, lower: str):
+    """Stop in one line if `compiled` needs more than the device has: XLA's temporaries, arguments and outputs, less
+    what they share, against what the device has free (on CPU, the machine's available RAM)."""
+    analysis = compiled.memory_analysis()
+    needed = sum(getattr(analysis, f"{kind}_size_in_bytes") for kind in ("temp", "argument", "output"))
+    needed -= analysis.alias_size_in_bytes
+    available = available_memory(jax.devices()[0])
+    if available is not None and needed > available:
+        raise SystemExit(f"{what} needs {needed / 2**30:.1f} GiB and the device has {available / 2**30:.1f} GiB: lower {lower}")
+
+
+def available_memory(device: jax.Device) -> Optional[int]:
+    """Bytes the learner can still take on `device`: the accelerator's free memory, or the machine's available RAM."""
+    if device.platform != "cpu":
+        stats = device.memory_stats()
+        return stats["bytes_limit"] - stats["bytes_in_use"] if stats and "bytes_limit" in stats else None
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_run_dir(run_name: str, create: bool = True) -> str:
+    """runs/{run_name}, created here and by no other run: if another run has taken the name (the same flags started in
+    the same second), runs/{run_name}-2, -3, ..., said in one line. Only the process that writes creates it."""
+    path = os.path.join("runs", run_name)
+    if not create:
+        return path
+    os.makedirs("runs", exist_ok=True)
+    for k in range(2, 10_000):
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            taken, path = path, os.path.join("runs", f"{run_name}-{k}")
+            print(f"{taken} is another run's: this run writes to {path}")
+    raise SystemExit(f"no free run directory for {run_name} in runs/")
+
+
 def check_args(args: Args):
     """Fail before anything is written, with a message that says what to change."""
     if not args.inner_steps:
@@ -236,6 +283,12 @@ def check_args(args: Args):
         raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
     if args.track and importlib.util.find_spec("wandb") is None:
         raise SystemExit("--track needs Weights & Biases: pip install wandb")
+    needed, available = least_bytes(args), available_memory(jax.devices()[0])
+    if available is not None and needed > available:
+        raise SystemExit(
+            f"a run needs at least {needed / 2**30:.3g} GiB and the device has {available / 2**30:.1f} GiB: "
+            "lower --num-updates, --batch-size, --mc-samples or --inner-steps"
+        )
     run_root = "runs" if os.path.exists("runs") else "."
     if not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
         raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")
@@ -259,7 +312,12 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    run_name = f"mrp__{args.exp_name}__{args.seed}__{int(time.time())}"
+    # compiled before anything is written (the jitted calls reuse them): a run that cannot fit stops here, in one line
+    trains = {n: make_train(args, n) for n in args.inner_steps}
+    for n, train in trains.items():
+        lower = "--num-updates, --batch-size, --mc-samples or --inner-steps"
+        check_fits(train.lower(jax.random.PRNGKey(args.seed)).compile(), f"the run of n = {n}", lower)
+    run_dir = make_run_dir(f"mrp__{args.exp_name}__{args.seed}__{int(time.time())}")
     if args.track:  # before the writer: wandb mirrors what the TensorBoard writer logs
         import wandb
 
@@ -268,17 +326,17 @@ if __name__ == "__main__":
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=vars(args),
-            name=run_name,
+            name=os.path.basename(run_dir),
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     atexit.register(writer.close)
     trajectories = {}
     for n in args.inner_steps:
         if stop_signal:
             break
         start = time.time()
-        gammas, inner_losses, mses = jax.device_get(make_train(args, n)(jax.random.PRNGKey(args.seed)))
+        gammas, inner_losses, mses = jax.device_get(trains[n](jax.random.PRNGKey(args.seed)))
         bad = ~(np.isfinite(gammas).all(-1) & np.isfinite(inner_losses) & np.isfinite(mses))
         if bad.any():
             raise SystemExit(f"n = {n}: non-finite gammas or losses from update {int(np.argmax(bad))}: stopped")
@@ -291,13 +349,13 @@ if __name__ == "__main__":
         final = " ".join(f"{g:.3f}" for g in gammas[-1])
         print(f"n = {n:2d} ({time.time() - start:.1f} s): final gammas [{final}]; value MSE {mses[-1]:.4f}")
         print(f"        even mean {gammas[-1, 0::2].mean():.3f}, odd mean {gammas[-1, 1::2].mean():.3f}")
-    csv_path = f"runs/{run_name}/gammas.csv"
+    csv_path = os.path.join(run_dir, "gammas.csv")
     with open(csv_path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["n", "update"] + [f"gamma_{i}" for i in range(NUM_STATES)])
         for n, gammas in trajectories.items():
             out.writerows([n, u] + [f"{g:.5f}" for g in row] for u, row in enumerate(gammas))
-    plot_path = f"runs/{run_name}/gammas.png"
+    plot_path = os.path.join(run_dir, "gammas.png")
     print(
         f"gamma trajectories: {csv_path}"
         + (f", plot {plot_path}" if plot_gammas(trajectories, plot_path) else " (no plot: matplotlib missing)")

@@ -28,7 +28,9 @@ from learner_setup import learner, script_args
 
 import drmg
 import mix_metagrad
+import mrp_metagrad
 import qr_impala
+import snake_jax
 
 CARTPOLE = ["--env-id", "CartPole-v1", "--local-num-envs", "4", "--num-steps", "8", "--log-frequency", "2"]
 
@@ -356,6 +358,83 @@ def test_a_network_too_large_for_the_device_is_refused_before_it_is_allocated(tm
     assert os.listdir(tmp_path) == []
 
 
+HUGE = 10**9
+
+
+@pytest.mark.parametrize(
+    "module,overrides",
+    [
+        *[(mix_metagrad, {name: HUGE}) for name in ("board_size", "num_envs", "num_steps", "inner_steps")],
+        (mix_metagrad, dict(variance_points=3, variance_batch=HUGE)),
+        (mix_metagrad, dict(variance_points=3, variance_samples=HUGE)),
+        *[(mrp_metagrad, {name: HUGE}) for name in ("num_updates", "batch_size", "mc_samples")],
+        (mrp_metagrad, dict(inner_steps=[1, HUGE])),
+    ],
+)
+def test_mix_and_mrp_refuse_a_run_that_cannot_fit_before_any_array_is_made(module, overrides, monkeypatch):
+    """10^9 boards, envs, steps or chains (native aborts and out-of-memory tracebacks in the flag sweep before), on a
+    device with 32 GiB free; the defaults pass."""
+    monkeypatch.setattr(module, "available_memory", lambda device: 32 * 2**30)
+    module.check_args(module.Args())
+    with pytest.raises(SystemExit, match=r"needs at least [\d.e+]+ GiB and the device has 32.0 GiB: lower --"):
+        module.check_args(module.Args(**overrides))
+
+
+def mix_train_chunk(args):
+    """mix_metagrad's training chunk and the states that its main builds, lowered on them."""
+    network = mix_metagrad.AgentNetwork(snake_jax.NUM_ACTIONS)
+    obs = jnp.zeros((1, snake_jax.NUM_CHANNELS, args.board_size, args.board_size))
+    tx = mix_metagrad.make_optimizer(args)
+    agent_state = TrainState.create(apply_fn=network.apply, params=network.init(jax.random.PRNGKey(0), obs), tx=tx)
+    meta_tx = optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_learning_rate))
+    meta_state = TrainState.create(apply_fn=None, params=mix_metagrad.init_meta_params(args), tx=meta_tx)
+    env = mix_metagrad.snake_reset(jax.random.PRNGKey(1), args.num_envs, args.board_size)
+    weights = mix_metagrad.mixing_weights(args.inner_steps) if args.inner_steps else None
+    return mix_metagrad.make_snake_train_chunk(args, weights).lower(agent_state, meta_state, env)
+
+
+def xla_bytes(lowered):
+    analysis = lowered.compile().memory_analysis()
+    needed = sum(getattr(analysis, f"{kind}_size_in_bytes") for kind in ("temp", "argument", "output"))
+    return needed - analysis.alias_size_in_bytes
+
+
+@pytest.mark.parametrize("inner_steps", [0, 3])
+def test_mix_metagrads_least_bytes_are_at_most_what_xla_compiles(inner_steps):
+    """The bound refuses before anything is made, so it must never refuse a run that fits: it stays below XLA's own
+    figure for the compiled chunk, and grows with the look-ahead as XLA's does."""
+    args = mix_metagrad.Args(num_envs=8, num_steps=6, board_size=7, inner_steps=inner_steps, log_frequency=1)
+    args.num_updates = 10
+    assert 0 < mix_metagrad.least_bytes(args) <= xla_bytes(mix_train_chunk(args))
+
+
+@pytest.mark.parametrize("n", [4])
+def test_mrp_metagrads_least_bytes_are_at_most_what_xla_compiles(n):
+    args = mrp_metagrad.Args(num_updates=50, batch_size=16, mc_samples=8, inner_steps=[n])
+    lowered = mrp_metagrad.make_train(args, n).lower(jax.random.PRNGKey(0))
+    assert 0 < mrp_metagrad.least_bytes(args) <= xla_bytes(lowered)
+
+
+@pytest.mark.parametrize("module", [mix_metagrad, mrp_metagrad])
+def test_a_compiled_step_larger_than_the_device_is_refused_in_one_line(module, monkeypatch):
+    lowered = jax.jit(lambda x: jnp.cumsum(x) * 2).lower(jnp.ones(1000))
+    needed = xla_bytes(lowered)
+    compiled = lowered.compile()
+    monkeypatch.setattr(module, "available_memory", lambda device: needed)
+    module.check_fits(compiled, "the step", "--x")  # exactly what it needs: it fits
+    monkeypatch.setattr(module, "available_memory", lambda device: needed - 1)
+    with pytest.raises(SystemExit, match=r"^the step needs [\d.]+ GiB and the device has [\d.]+ GiB: lower --x$"):
+        module.check_fits(compiled, "the step", "--x")
+
+
+def test_a_log_frequency_longer_than_the_run_becomes_one_chunk_of_its_updates(tmp_path):
+    flags = ["--total-timesteps", "64", "--num-envs", "4", "--num-steps", "4", "--board-size", "5", "--inner-steps", "1"]
+    result = run_script(tmp_path, *flags, "--log-frequency", str(HUGE), script="mix_metagrad.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"--log-frequency {HUGE} is more than the run's 4 updates: one chunk of them" in result.stdout
+    assert "update 4/4 global_step=64" in result.stdout
+
+
 @pytest.mark.parametrize("name", IMPALA_FAMILY)
 def test_the_gradient_clip_is_optaxs_with_a_finite_derivative_at_zero(name):
     clip, reference = IMPALA_FAMILY[name].clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
@@ -395,12 +474,15 @@ def test_a_half_batch_of_reset_steps_alone_gives_a_finite_meta_step(name, monkey
     assert meta_step_checks()["meta_gradients"]
 
 
-@pytest.mark.parametrize("writer", IMPALA_FAMILY)
+CHECKPOINTED = {**IMPALA_FAMILY, "mix_metagrad": mix_metagrad}
+
+
+@pytest.mark.parametrize("writer", CHECKPOINTED)
 def test_a_checkpoint_is_refused_by_every_other_script_with_the_name_of_its_own(tmp_path, writer):
     path = str(tmp_path / "model.flax_model")
-    IMPALA_FAMILY[writer].save_checkpoint(path, IMPALA_FAMILY[writer].Args(), update=1)
-    assert int(IMPALA_FAMILY[writer].load_checkpoint(path)["update"]) == 1
-    for reader, module in IMPALA_FAMILY.items():
+    CHECKPOINTED[writer].save_checkpoint(path, CHECKPOINTED[writer].Args(), update=1)
+    assert int(CHECKPOINTED[writer].load_checkpoint(path)["update"]) == 1
+    for reader, module in CHECKPOINTED.items():
         if reader != writer:
             with pytest.raises(module.ForeignCheckpoint, match=f"it was written by {writer}.py"):
                 module.load_checkpoint(path)
