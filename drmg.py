@@ -458,8 +458,9 @@ def reference_hyperparameters(args: Args):
     )
 
 
-def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args, n_step: int = 0):
+def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args, n_step: Optional[int] = None):
     """L = w_pi L_pi + w_H L_H + w_Z L_Z on one batch (eq. 11), with the hyperparameters eta."""
+    n_step = args.n_step if n_step is None else n_step  # None: --n-step; the outer loss (eq. 14) gives 0, the lambda-return
     num_steps, num_envs = rollout.actions.shape
     logits, quantiles = apply_fn(params, rollout.obs.reshape((-1,) + rollout.obs.shape[2:]))
     logits = logits.reshape(num_steps + 1, num_envs, -1)[:-1]
@@ -550,11 +551,11 @@ def meta_gradient(meta_params, agent_state: TrainState, inner: Rollout, outer: R
 
     def inner_grads(meta_params, chunk):
         eta = hyperparameters(meta_params, args)
-        return jax.grad(impala_loss, has_aux=True)(agent_state.params, agent_state.apply_fn, chunk, eta, args, args.n_step)
+        return jax.grad(impala_loss, has_aux=True)(agent_state.params, agent_state.apply_fn, chunk, eta, args)
 
     def outer_grads(params_prime, chunk):
         eta_prime = reference_hyperparameters(args)
-        return jax.grad(impala_loss, has_aux=True)(params_prime, agent_state.apply_fn, chunk, eta_prime, args)  # eq. 14
+        return jax.grad(impala_loss, has_aux=True)(params_prime, agent_state.apply_fn, chunk, eta_prime, args, 0)  # eq. 14
 
     def inner_step(grads):
         updates, _ = agent_state.tx.update(grads, agent_state.opt_state, agent_state.params)
@@ -617,12 +618,7 @@ def learner_step(
         if args.meta_learn == "none":
             half_grads, half_metrics = chunk_mean(
                 lambda chunk: jax.grad(impala_loss, has_aux=True)(
-                    agent_state.params,
-                    agent_state.apply_fn,
-                    chunk,
-                    hyperparameters(meta_state.params, args),
-                    args,
-                    args.n_step,
+                    agent_state.params, agent_state.apply_fn, chunk, hyperparameters(meta_state.params, args), args
                 ),
                 inner,
                 args.chunk_envs,
@@ -633,7 +629,7 @@ def learner_step(
                 meta_state.params, agent_state, inner, outer, args, axis_name
             )
         halves.append((half_grads, half_meta_grads, half_metrics))
-    grads, meta_grads, metrics = jax.tree.map(lambda a, b: (a + b) / 2.0, *halves)
+    grads, meta_grads, metrics = jax.tree.map(lambda *h: sum(h) / len(h), *halves)
     grads, metrics = device_mean((grads, metrics), axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
     checks = dict(saturated={})
@@ -642,7 +638,7 @@ def learner_step(
         metrics["meta_grad_norm"] = optax.global_norm(meta_grads)
         checks["saturated"] = saturated(meta_state.params, meta_grads)
         meta_state = meta_state.apply_gradients(grads=meta_grads)
-    metrics["meta"] = hyperparameters(meta_state.params, args)
+    metrics["meta"] = {k: v for k, v in hyperparameters(meta_state.params, args).items() if k in meta_state.params}
     agent_state = agent_state.apply_gradients(grads=grads)
     checks["non_finite"] = non_finite(
         loss=metrics["loss"],

@@ -134,9 +134,9 @@ class Args:
     eta_embedding_size: int = 16
     """size of the embedding e_eta (paper: not given; our choice)"""
     outer_gamma: float = 0.995
-    """gamma' of the outer loss (MG's Atari choice)"""
+    """gamma' of the outer loss (the Atari choice of MG and STAC)"""
     outer_lambda: float = 1.0
-    """lambda' of the outer loss (MG's Atari choice)"""
+    """lambda' of the outer loss (the Atari choice of MG and STAC)"""
     outer_value_coef: float = 0.0
     """w'_v, weight of the value loss in the outer loss (0: J' is the policy-gradient objective alone, as MG's)"""
     outer_ent_coef: float = 0.0
@@ -511,7 +511,7 @@ def learner_step(
                 meta_state.params, agent_state, inner, outer, args, axis_name
             )
         halves.append((half_grads, half_meta_grads, half_metrics))
-    grads, meta_grads, metrics = jax.tree.map(lambda a, b: (a + b) / 2.0, *halves)
+    grads, meta_grads, metrics = jax.tree.map(lambda *h: sum(h) / len(h), *halves)
     grads, metrics = device_mean((grads, metrics), axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
     checks = dict(saturated={})

@@ -441,7 +441,7 @@ def learner_step(agent_state: TrainState, rollout: Rollout, args: Args, axis_nam
         )
         for half in split_halves(rollout)
     ]
-    grads, metrics = jax.tree.map(lambda a, b: (a + b) / 2.0, *halves)
+    grads, metrics = jax.tree.map(lambda *h: sum(h) / len(h), *halves)
     grads, metrics = device_mean((grads, metrics), axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
     agent_state = agent_state.apply_gradients(grads=grads)

@@ -141,9 +141,9 @@ class Args:
     two_halves: bool = False
     """inner loss on one half of the batch and outer loss on the other, twice, as drmg.py (STAC: the same batch)"""
     outer_gamma: float = 0.995
-    """gamma' of the outer loss (STAC's Atari choice)"""
+    """gamma' of the outer loss (the Atari choice of MG and STAC)"""
     outer_lambda: float = 1.0
-    """lambda' of the outer loss (STAC's Atari choice)"""
+    """lambda' of the outer loss (the Atari choice of MG and STAC)"""
     meta_learning_rate: float = 1e-3
     """Adam learning rate of the meta-parameter logits (paper: not given; our choice)"""
     meta_grad_clip: float = 0.1
@@ -429,7 +429,7 @@ def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args, num_heads: 
     log_pi = jax.nn.log_softmax(logits)
     actions = jnp.broadcast_to(rollout.actions[..., None, None], log_pi.shape[:-1] + (1,))
     log_pi_a = jnp.take_along_axis(log_pi, actions, axis=-1)[..., 0]  # [T, B, H]
-    log_mu_a = jnp.take_along_axis(jax.nn.log_softmax(rollout.behaviour_logits), rollout.actions[..., None], axis=-1)
+    log_mu_a = jnp.take_along_axis(jax.nn.log_softmax(rollout.behaviour_logits), rollout.actions[..., None], axis=-1)[..., 0]
     # A reset step is no transition: it must not bootstrap into the new episode nor enter the losses.
     valid = 1.0 - rollout.resets
     discounts = (1.0 - rollout.terminations) * valid
@@ -438,10 +438,10 @@ def impala_loss(params, apply_fn, rollout: Rollout, eta, args: Args, num_heads: 
     returns, pg_advantages = head_vtrace(
         values[:-1],
         values[-1],
-        jnp.clip(rollout.rewards, -1.0, 1.0),  # reward clipping for learning
+        jnp.clip(rollout.rewards, -1.0, 1.0),  # reward clipping for learning (§5.2)
         discounts,
         trace_masks,
-        log_pi_a - log_mu_a,  # every head's policy against the main head's behaviour
+        log_pi_a - log_mu_a[..., None],  # every head's policy against the main head's behaviour
         eta["gamma"],
         eta["lambda_"],
         eta["alpha_rho"],
@@ -555,7 +555,7 @@ def learner_step(
                 meta_state.params, agent_state, inner, outer, args, axis_name
             )
         halves.append((half_grads, half_meta_grads, half_metrics))
-    grads, meta_grads, metrics = jax.tree.map(lambda *h: sum(h) / len(loops), *halves)
+    grads, meta_grads, metrics = jax.tree.map(lambda *h: sum(h) / len(h), *halves)
     grads, metrics = device_mean((grads, metrics), axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)
     checks = dict(saturated={})
@@ -564,7 +564,7 @@ def learner_step(
         metrics["meta_grad_norm"] = optax.global_norm(meta_grads)
         checks["saturated"] = saturated(meta_state.params, meta_grads)
         meta_state = meta_state.apply_gradients(grads=meta_grads)
-    metrics["meta"] = hyperparameters(meta_state.params, args)
+    metrics["meta"] = {k: v for k, v in hyperparameters(meta_state.params, args).items() if k in meta_state.params}
     agent_state = agent_state.apply_gradients(grads=grads)
     checks["non_finite"] = non_finite(
         loss=metrics["loss"],
