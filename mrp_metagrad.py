@@ -273,8 +273,8 @@ def check_args(args: Args):
         raise SystemExit("--inner-steps: give at least one n")
     if min(args.num_updates, args.batch_size, args.mc_samples, *args.inner_steps) < 1 or not 0 < args.gamma < 1:
         raise SystemExit("--num-updates, --batch-size, --mc-samples and --inner-steps must be positive; --gamma in (0, 1)")
-    if not (np.isfinite(args.even_reward) and 0 <= args.noise_std < np.inf):
-        raise SystemExit("--even-reward must be finite and --noise-std >= 0 and finite")
+    if not (abs(args.even_reward) <= 1e18 and 0 <= args.noise_std <= 1e18):
+        raise SystemExit("--even-reward must lie in [-1e18, 1e18] and --noise-std in [0, 1e18]: squared returns stay finite in float32")
     if args.adam_eps_root <= 0:
         raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
     if not (0 < args.learning_rate < np.inf and 0 < args.meta_learning_rate < np.inf):

@@ -16,6 +16,7 @@ import ast
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -112,7 +113,9 @@ def outcome(script: str, flags: list[str], timeout: float) -> dict:
     if result.returncode == 0:
         nan = "nan" in result.stdout.lower()
         return dict(kind="defect: NaN" if nan else "trains", line=result.stdout.strip().splitlines()[-1][:200])
-    if "non-finite" in result.stderr and "the last finite checkpoint" in result.stderr:  # docs/long-runs.md's guard
+    guard = "the last finite checkpoint" in result.stderr  # docs/long-runs.md's guard; mrp_metagrad.py saves no checkpoint
+    guard |= script == "mrp_metagrad.py" and bool(re.fullmatch(r"n = \d+: non-finite .* stopped", stderr[-1] if stderr else ""))
+    if "non-finite" in result.stderr and guard:
         return dict(kind="stopped by the non-finite guard", line=stderr[-1][:200])
     if "Traceback" in result.stderr:
         return dict(kind="defect: traceback", line=stderr[-1][:200])

@@ -589,8 +589,10 @@ def test_two_processes_train_the_same_parameters_and_only_process_0_writes(tmp_p
     "flags,message",
     [
         (["--inner-steps"], "--inner-steps: give at least one n"),
-        (["--even-reward", "nan"], "--even-reward must be finite"),
-        (["--noise-std", "-1"], "--noise-std >= 0"),
+        (["--even-reward", "nan"], "--even-reward must lie in [-1e18, 1e18]"),
+        (["--even-reward", "-1e30"], "--even-reward must lie in [-1e18, 1e18]"),
+        (["--noise-std", "-1"], "--noise-std in [0, 1e18]"),
+        (["--noise-std", "1e19"], "--noise-std in [0, 1e18]"),
         (["--gamma", "1"], "--gamma in (0, 1)"),
     ],
 )
