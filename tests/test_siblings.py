@@ -1,6 +1,7 @@
 """The sibling rule: the four IMPALA-family scripts share their plumbing line for line. Every top-level definition that
 two or more of them have is identical in all that have it (read with `ast`), unless OWN lists it with the reason; the
-shared definitions come in the same order, under the same banners. A copy with one shared line changed must fail."""
+shared definitions come in the same order, under the same banners. mix_metagrad.py and mrp_metagrad.py copy the
+family's definitions of the same name verbatim, unless TOY_OWN lists them. A copy with one shared line changed must fail."""
 
 import ast
 import os
@@ -129,3 +130,64 @@ def test_a_shared_definition_moved_elsewhere_is_caught():
         "\n\ndef make_meta_optimizer(", "\n\n" + block.rstrip() + "\n\n\ndef make_meta_optimizer(", 1
     )
     assert any("mg.py: the shared definitions come in another order" in p for p in sibling_differences(sources))
+
+
+# mix_metagrad.py and mrp_metagrad.py are no IMPALA: they copy the family's plumbing where they have the same part, and
+# share check_fits between them. Their own versions of a name, and why:
+TOY_OWN = {
+    "Args": "their own flags",
+    "check_args": "their own flags",
+    "least_bytes": "what each one's run holds",
+    "Torso": "Snake's small convolutional torso",
+    "AgentNetwork": "A2C's policy and value on Snake",
+    "Rollout": "no behaviour logits: A2C is on-policy",
+    "init_meta_params": "eta = {gamma, lambda, c_crit, c_entr}",
+    "hyperparameters": "eta = {gamma, lambda, c_crit, c_entr}",
+    "reference_hyperparameters": "eta = {gamma, lambda, c_crit, c_entr}",
+    "make_optimizer": "Adam with eps_root, which the meta-gradient differentiates through",
+    "inner_update": "an A2C step on a rollout (mix), a value step on a batch of MRP rewards (mrp)",
+    "load_model": "mix_metagrad also returns the meta-parameters",
+    "RESUME_FLAGS": "mix_metagrad has no actor threads nor devices to choose",
+}
+
+
+def toy_differences(sources: dict) -> list[str]:
+    """What mix_metagrad.py or mrp_metagrad.py writes otherwise than the first script of `sources` ({script: source},
+    the IMPALA family first) that has a definition of the same name, except TOY_OWN."""
+    problems, seen = [], {}
+    for script, source in sources.items():
+        for name, text in definitions(source):
+            toy = script in ("mix_metagrad.py", "mrp_metagrad.py")  # the family's own differences: OWN, above
+            if toy and name in seen and name not in TOY_OWN and text != seen[name][1]:
+                problems.append(f"{name}: {script} differs from {seen[name][0]} (copy it, or list it in TOY_OWN)")
+            seen.setdefault(name, (script, text))
+    return problems
+
+
+def read_toys():
+    sources = {}
+    for script in ("qr_impala.py", "drmg.py", "mix_metagrad.py", "mrp_metagrad.py"):
+        with open(os.path.join(ROOT, script)) as f:
+            sources[script] = f.read()
+    return sources
+
+
+def test_mix_and_mrp_copy_the_family_plumbing_verbatim():
+    sources = read_toys()
+    assert toy_differences(sources) == []
+    mrp = {name for name, _ in definitions(sources["mrp_metagrad.py"])}
+    assert {"available_memory", "make_run_dir", "report", "check_fits"} <= mrp  # shared with qr_impala or mix_metagrad
+
+
+@pytest.mark.parametrize(
+    "script,old,new,named",
+    [
+        ("mix_metagrad.py", 'print(f"{taken} is another run\'s: this run writes to {path}")', 'print(f"{taken} is taken: this run writes to {path}")', "make_run_dir"),
+        ("mrp_metagrad.py", "    needed -= analysis.alias_size_in_bytes\n", "", "check_fits"),
+    ],
+)
+def test_a_changed_copy_in_mix_or_mrp_is_caught(script, old, new, named):
+    sources = read_toys()
+    assert sources[script].count(old) == 1, old
+    sources[script] = sources[script].replace(old, new)
+    assert any(p.startswith(f"{named}: {script} differs") for p in toy_differences(sources)), toy_differences(sources)
