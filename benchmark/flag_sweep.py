@@ -65,15 +65,18 @@ class Args:
 
 
 def numeric_fields(script: str) -> list[tuple[str, str]]:
-    """(field, 'int' or 'float') of every numeric field of the script's Args, in order."""
+    """(field, 'int' or 'float') of every numeric field of the script's Args (Optional ones too), in order."""
     with open(os.path.join(ROOT, script)) as f:
         tree = ast.parse(f.read())
     args_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
-    return [
-        (s.target.id, s.annotation.id)
-        for s in args_class.body
-        if isinstance(s, ast.AnnAssign) and isinstance(s.annotation, ast.Name) and s.annotation.id in ("int", "float")
-    ]
+    found = []
+    for s in args_class.body:
+        if not isinstance(s, ast.AnnAssign):
+            continue
+        kind = ast.unparse(s.annotation).removeprefix("Optional[").removesuffix("]")
+        if kind in ("int", "float"):
+            found.append((s.target.id, kind))
+    return found
 
 
 def precheck(script: str, flags: list[str]) -> str:
