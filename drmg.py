@@ -969,8 +969,10 @@ def check_args(args: Args):
         ids = getattr(args, name)
         if not ids or min(ids) < 0 or len(set(ids)) < len(ids):
             raise SystemExit(f"--{name.replace('_', '-')} {ids}: device indices must be >= 0 and distinct")
-    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id is not None):
+    if not args.distributed and (args.coordinator_address or args.num_processes is not None or args.process_id is not None):
         raise SystemExit("--coordinator-address, --num-processes and --process-id go with --distributed")
+    if (args.num_processes is not None and args.num_processes < 1) or not 0 <= (args.process_id or 0) < (args.num_processes or 2**62):
+        raise SystemExit(f"--num-processes {args.num_processes}, --process-id {args.process_id}: need 0 <= id < processes")
     run_root = "runs" if os.path.exists("runs") else "."
     if not args.resume and not (os.path.isdir(run_root) and os.access(run_root, os.W_OK)):
         raise SystemExit(f"cannot write the run directory: {os.path.abspath(run_root)} is not a writable directory")

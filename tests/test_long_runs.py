@@ -299,6 +299,10 @@ BAD_FLAGS = [
     (["--learning-rate", "-1"], "--learning-rate"),
     (["--learning-rate", "inf"], "--learning-rate"),
     (["--process-id", "1"], "go with --distributed"),
+    (["--num-processes", "0"], "go with --distributed"),  # was taken as not given
+    (["--distributed", "--num-processes", "0"], "--num-processes 0, --process-id None: need 0 <= id < processes"),
+    (["--distributed", "--num-processes", "2", "--process-id", "2"], "--process-id 2: need 0 <= id < processes"),
+    (["--distributed", "--process-id", "-1"], "--process-id -1: need 0 <= id < processes"),
     (["--resume", "missing.flax_model"], "not a checkpoint of"),
     (["--resume", "garbage.flax_model"], "not a checkpoint of"),
     (["--chunk-envs", "-2"], "--chunk-envs -2: must be >= 0"),
