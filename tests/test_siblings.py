@@ -76,12 +76,18 @@ def sibling_differences(sources: dict) -> list[str]:
     return problems
 
 
-def read_scripts():
+def read_scripts(scripts=tuple(f"{name}.py" for name in IMPALA_FAMILY)):
     sources = {}
-    for script in (f"{name}.py" for name in IMPALA_FAMILY):
+    for script in scripts:
         with open(os.path.join(ROOT, script)) as f:
             sources[script] = f.read()
     return sources
+
+
+def mutated(sources, script, old, new):
+    """`sources` with the one occurrence of `old` in `script` replaced by `new`."""
+    assert sources[script].count(old) == 1, old
+    return dict(sources, **{script: sources[script].replace(old, new)})
 
 
 def test_the_four_scripts_share_their_definitions_order_and_banners():
@@ -114,9 +120,7 @@ def test_every_deliberate_difference_is_still_one():
     ],
 )
 def test_one_changed_shared_line_is_caught(script, old, new, named):
-    sources = read_scripts()
-    assert sources[script].count(old) == 1, old
-    sources[script] = sources[script].replace(old, new)
+    sources = mutated(read_scripts(), script, old, new)
     problems = sibling_differences(sources)
     assert any(named in p and script in p for p in problems), problems
 
@@ -165,11 +169,7 @@ def toy_differences(sources: dict) -> list[str]:
 
 
 def read_toys():
-    sources = {}
-    for script in ("qr_impala.py", "drmg.py", "mix_metagrad.py", "mrp_metagrad.py"):
-        with open(os.path.join(ROOT, script)) as f:
-            sources[script] = f.read()
-    return sources
+    return read_scripts(("qr_impala.py", "drmg.py", "mix_metagrad.py", "mrp_metagrad.py"))
 
 
 def test_mix_and_mrp_copy_the_family_plumbing_verbatim():
@@ -187,7 +187,5 @@ def test_mix_and_mrp_copy_the_family_plumbing_verbatim():
     ],
 )
 def test_a_changed_copy_in_mix_or_mrp_is_caught(script, old, new, named):
-    sources = read_toys()
-    assert sources[script].count(old) == 1, old
-    sources[script] = sources[script].replace(old, new)
+    sources = mutated(read_toys(), script, old, new)
     assert any(p.startswith(f"{named}: {script} differs") for p in toy_differences(sources)), toy_differences(sources)
