@@ -12,6 +12,9 @@ import numpy as np
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from children import owned_children  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,9 +70,10 @@ def episodic_returns(work_dir: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def binned(steps: np.ndarray, values: np.ndarray, bin_steps: int, total: int) -> np.ndarray:
-    """Mean of the values logged in each bin [k * bin_steps, (k + 1) * bin_steps); NaN where none was."""
-    num_bins = total // bin_steps
-    index = np.minimum(steps // bin_steps, num_bins - 1).astype(int)
+    """Mean of the values logged in each bin [k * bin_steps, (k + 1) * bin_steps); NaN where none was. A run shorter than
+    one bin has one bin (its whole run); steps at or after the last bin's start go to the last bin."""
+    num_bins = max(1, total // bin_steps)
+    index = np.minimum(np.asarray(steps) // bin_steps, num_bins - 1).astype(int)
     sums, counts = np.zeros(num_bins), np.zeros(num_bins)
     np.add.at(sums, index, values)
     np.add.at(counts, index, 1)
@@ -77,25 +81,37 @@ def binned(steps: np.ndarray, values: np.ndarray, bin_steps: int, total: int) ->
         return sums / counts
 
 
-def run_commands(jobs: list, parallel: int, env: dict, on_done=None):
+def run_commands(jobs: list, parallel: int, env: dict, on_done=None, on_start=None):
     """Run jobs = [(name, command, work_dir)] at most `parallel` at a time, each in its work_dir with its output in
-    work_dir/stdout.log; on_done(name, work_dir, returncode, seconds) after each."""
+    work_dir/stdout.log; on_start(name, work_dir) before each (False: skip it), on_done(name, work_dir, returncode,
+    seconds) after each. Each run ends with this process, however it ends (benchmark/children.py): stopped by a signal
+    or an exception, the driver says which runs it stopped; killed, the kernel kills them."""
     todo, running = list(jobs), []
-    while todo or running:
-        while todo and len(running) < parallel:
-            name, cmd, work_dir = todo.pop(0)
-            os.makedirs(work_dir, exist_ok=True)
-            print(f"[{time.strftime('%H:%M:%S')}] start {name}: {' '.join(cmd)}", flush=True)
-            log = open(os.path.join(work_dir, "stdout.log"), "w")
-            process = subprocess.Popen(cmd, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((name, work_dir, time.time(), log, process))
-        time.sleep(1)
-        for item in list(running):
-            name, work_dir, start, log, process = item
-            if process.poll() is not None:
-                log.close()
-                running.remove(item)
-                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}), see {log.name}"
-                print(f"[{time.strftime('%H:%M:%S')}] {status}: {name} in {time.time() - start:.0f} s", flush=True)
-                if on_done is not None:
-                    on_done(name, work_dir, process.returncode, time.time() - start)
+    with owned_children() as children:
+        while todo or running:
+            while todo and len(running) < parallel:
+                name, cmd, work_dir = todo.pop(0)
+                if on_start is not None and not on_start(name, work_dir):
+                    continue
+                os.makedirs(work_dir, exist_ok=True)
+                print(f"[{time.strftime('%H:%M:%S')}] start {shown(name)}: {' '.join(cmd)}", flush=True)
+                with open(os.path.join(work_dir, "stdout.log"), "w") as log:
+                    description = f"{shown(name)} (its log: {log.name})"
+                    process = children.start(cmd, description, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running.append((name, work_dir, time.time(), log.name, process))
+            if running:
+                time.sleep(0.2)
+            for item in list(running):
+                name, work_dir, start, log_name, process = item
+                if process.poll() is not None:
+                    children.ended(process)
+                    running.remove(item)
+                    status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}), see {log_name}"
+                    print(f"[{time.strftime('%H:%M:%S')}] {status}: {shown(name)} in {time.time() - start:.0f} s", flush=True)
+                    if on_done is not None:
+                        on_done(name, work_dir, process.returncode, time.time() - start)
+
+
+def shown(name) -> str:
+    """A job's name as printed: a tuple's entries joined by spaces."""
+    return " ".join(map(str, name)) if isinstance(name, tuple) else str(name)

@@ -8,8 +8,18 @@ checks it before anything runs; MG has no leaky v-trace). Every agent runs with 
 Each run works in runs/minatar_benchmark/{agent}/{game}_seed{seed} (its TensorBoard log, not kept) and, once it has
 finished, leaves its results in {out_dir}/{agent}/{game}_seed{seed}.json: the command, steps, wall time and SPS, every
 episode's return binned by --bin-steps, the mean return of the last 10% of its episodes, and the first and last logged
-value of each meta-parameter. A run with results is not run again, so the grid can be stopped and continued; results
-made with other flags are refused (use another --out-dir). The summary ({out_dir}/summary.md, one plot per game
+value of each meta-parameter (a run shorter than one bin has one bin). A run with results is not run again, so the grid
+can be stopped and continued; results made with other flags are refused (use another --out-dir). Before the first run,
+the grid's flags and every cell's command are checked (the command by its script's own default_args and check_args),
+so that a bad --flags stops the grid once, in one line, before anything is written.
+
+Runs end with the driver (benchmark/children.py): stopped by a signal or an exception, it says which runs it stopped;
+killed (kill -9), the kernel kills them. Each cell runs under a lock ({out_dir}/{agent}/{game}_seed{seed}.lock, and one
+beside its work directory), which the kernel releases if the driver dies: a second driver on the same --out-dir skips
+the cells the first is running and says so, so every cell runs once. Results are written atomically. A result file
+that cannot be read back (truncated, not JSON, missing a field, another cell's) is named in one line with what to do
+(move it aside: the cell then runs again) and left out, and the rest is run and summarised (--no-run too). A run whose
+result cannot be collected keeps its work directory, renamed {work_dir}.uncollected-TIME, and says so. The summary ({out_dir}/summary.md, one plot per game
 {out_dir}/{game}.png, all games in {out_dir}/minatar.png; the same names prefixed "ablations_" for a grid with an
 ablation agent):
     - per game and agent, the final return (mean of the last 10% of episodes), mean and std over seeds;
@@ -23,13 +33,17 @@ ablation agent):
     python benchmark/minatar.py --no-run                                       # the summary of what is there
 """
 
+import contextlib
+import io
 import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +53,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from children import CellLock  # noqa: E402
 from grid import ROOT, binned, episodic_returns, eta_mismatch, initial_eta, latest_log, run_commands  # noqa: E402
 
 LABELS = {
@@ -93,6 +108,11 @@ class Args:
 
 
 def check_args(args: Args):
+    """The grid's own flags, before anything is written: one line naming the flag at fault."""
+    for name in ("agents", "games", "seeds"):
+        values = getattr(args, name)
+        if not values or len(set(values)) != len(values):
+            raise SystemExit(f"--{name}: at least one, none twice (got {values})")
     unknown = [a for a in args.agents if a not in AGENTS]
     if unknown:
         raise SystemExit(f"--agents: unknown {unknown}; one of {sorted(AGENTS)}")
@@ -102,10 +122,75 @@ def check_args(args: Args):
     games = [g for g in args.games if g not in minatar_jax.GAMES]
     if games:
         raise SystemExit(f"--games: unknown {games}; one of {list(minatar_jax.GAMES)}")
-    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit(f"--seeds: at least one seed, none twice (got {args.seeds})")
     if min(args.total_timesteps, args.bin_steps, args.jobs, args.bootstrap_reps, args.random_moves) < 1:
         raise SystemExit("--total-timesteps, --bin-steps, --jobs, --bootstrap-reps and --random-moves must be positive")
+    for name, most in (("total_timesteps", 10**15), ("bin_steps", 10**15), ("bootstrap_reps", 10**6), ("random_moves", 10**6)):
+        if getattr(args, name) > most:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {most:,}")
+    for name in ("out_dir", "runs_dir"):
+        path = getattr(args, name)
+        if not path.strip():
+            raise SystemExit(f"--{name.replace('_', '-')}: give a directory (got {path!r})")
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
+            raise SystemExit(f"--{name.replace('_', '-')} {path}: {existing} is not a writable directory")
+    try:
+        shlex.split(args.flags)
+    except ValueError as error:
+        raise SystemExit(f"--flags {args.flags!r}: {error}") from None
+
+
+def check_flags(args: Args):
+    """Every cell's command checked once, up front, by its script's own default_args and check_args (what the script
+    runs first, before it writes anything), in a temporary working directory as the run's: one line if one refuses."""
+    sys.path.insert(0, ROOT)
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as cwd:
+        os.chdir(cwd)
+        try:
+            for game in args.games:  # MG's and STACX's loss weights are read from DrMG's parse of the flags
+                refusal = script_refusal("drmg", ["--env-id", game, *shlex.split(args.flags)], check=False)
+                if refusal and {"mg", "stacx"} & set(args.agents):
+                    raise SystemExit(
+                        f"--flags {args.flags!r}: drmg.py (whose loss weights MG and STACX take) refuses them: {refusal}"
+                    )
+            for agent in args.agents:
+                for game in args.games:
+                    for seed in args.seeds:
+                        command = run_command(args, agent, game, seed)
+                        script, flags = os.path.basename(command[1])[: -len(".py")], command[2:]
+                        refusal = script_refusal(script, flags)
+                        if refusal:
+                            cell = f"{agent} on {game}, seed {seed}"
+                            raise SystemExit(f"--flags {args.flags!r}: {script}.py refuses {cell}: {refusal}")
+        finally:
+            os.chdir(here)
+
+
+def script_refusal(script: str, flags: list[str], check: bool = True) -> str:
+    """'' if the script's own parser (and check_args, with `check`) accept `flags`, else one line of what they say."""
+    import importlib
+
+    module = importlib.import_module(script)
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(output), contextlib.redirect_stdout(output):
+            parsed = tyro.cli(module.Args, args=flags, default=module.default_args(flags))
+    except SystemExit:  # tyro's box of text: its informative lines
+        lines = [line.strip(" -─│╭╮╰╯|") for line in output.getvalue().splitlines()]
+        lines = [line for line in lines if line and not line.startswith("For full helptext")]
+        return "; ".join(lines[1:] or lines)[:300] or "the script's parser refuses them"
+    if not check:
+        return ""
+    try:
+        module.check_args(parsed)
+    except SystemExit as stop:
+        return str(stop.code).splitlines()[-1] if stop.code not in (None, 0) else ""
+    except Exception as error:  # noqa: BLE001  (a script's check that fails in another way is named, not shown as a traceback)
+        return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return ""
 
 
 def agent_flags(args: Args, agent: str, game: str) -> tuple[str, list[str]]:
@@ -184,8 +269,11 @@ def final_return(returns: np.ndarray) -> float:
 
 
 def collect(args: Args, agent: str, game: str, seed: int, work_dir: str, seconds: float) -> dict:
-    steps, returns = episodic_returns(work_dir)
+    """A finished run's result, read from its TensorBoard log, whatever its budget (one bin at least)."""
     accumulator = latest_log(work_dir)
+    if accumulator is None:
+        raise RuntimeError(f"no TensorBoard log under {os.path.join(work_dir, 'runs')}")
+    steps, returns = episodic_returns(work_dir)
     sps = [e.value for e in accumulator.Scalars("charts/SPS")] if "charts/SPS" in accumulator.Tags()["scalars"] else []
     import jax
 
@@ -223,46 +311,180 @@ def load(path: str):
         return json.load(f)
 
 
-def run_missing(args: Args):
-    """Run every (agent, game, seed) without results, --jobs at a time; write each one's results when it ends."""
-    jobs = []
+# What the grid reads back from a result: {key: the types it may have}.
+RESULT_KEYS = dict(
+    agent=str, game=str, seed=int, command=str, flags=str, total_timesteps=int, final_return=(int, float),
+    curve=list, meta=dict, sps=(int, float), episodes=int, bin_steps=int,
+)
+
+
+class Damaged(Exception):
+    """A result file that cannot be read back: its one line names it and says what to do."""
+
+
+def load_result(path: str, agent: str, game: str, seed: int) -> dict:
+    """The result of a cell; Damaged (one line: the file, what is wrong, what to do) if it is unreadable, incomplete or
+    another cell's."""
+
+    def damaged(what: str):
+        return Damaged(
+            f"{path}: {what}; move it aside (mv {shlex.quote(path)} {shlex.quote(path + '.damaged')}) and the cell runs again"
+        )
+
+    try:
+        result = load(path)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise damaged(f"unreadable ({type(error).__name__}: {str(error).splitlines()[0][:100]})") from None
+    if not isinstance(result, dict):
+        raise damaged(f"not a result (a JSON {type(result).__name__})")
+    missing = [k for k in RESULT_KEYS if k not in result]
+    if missing:
+        raise damaged(f"incomplete (no {', '.join(missing)})")
+    wrong = [k for k, kind in RESULT_KEYS.items() if isinstance(result[k], bool) or not isinstance(result[k], kind)]
+    if wrong:
+        raise damaged(f"incomplete (wrong type of {', '.join(wrong)})")
+    if (result["agent"], result["game"], result["seed"]) != (agent, game, seed):
+        raise damaged(f"the result of {result['agent']} on {result['game']}, seed {result['seed']}")
+    return result
+
+
+def read_results(args: Args) -> tuple[dict, dict]:
+    """({(agent, game, seed): result} of every cell with a readable result, {path: its one line} of every damaged one)."""
+    results, damaged = {}, {}
     for game in args.games:
         for seed in args.seeds:
             for agent in args.agents:
                 path = result_path(args, agent, game, seed)
                 if os.path.exists(path):
-                    kept = load(path)
+                    try:
+                        results[agent, game, seed] = load_result(path, agent, game, seed)
+                    except Damaged as error:
+                        damaged[path] = str(error)
+    return results, damaged
+
+
+def write_json(path: str, value):
+    """value as JSON at path, atomically: a reader sees the earlier file or the whole new one, never a part."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cell_name(agent: str, game: str, seed: int) -> str:
+    return f"{agent} {game} seed {seed}"
+
+
+def run_missing(args: Args):
+    """Run every (agent, game, seed) without results, --jobs at a time; write each one's results when it ends.
+
+    A cell runs under a lock ({out_dir}/{agent}/{game}_seed{seed}.lock, and {work_dir}.lock for its work directory):
+    a cell another driver is running is skipped, and said so; the kernel releases a dead driver's lock. A damaged
+    result file is named and its cell left alone."""
+    results, damaged = read_results(args)
+    for line in damaged.values():
+        print(line, flush=True)
+    jobs = []
+    for game in args.games:
+        for seed in args.seeds:
+            for agent in args.agents:
+                path = result_path(args, agent, game, seed)
+                kept = results.get((agent, game, seed))
+                if kept is not None:
                     if kept["flags"] != args.flags or kept["total_timesteps"] != args.total_timesteps:
                         raise SystemExit(
                             f"{path} was made with --flags '{kept['flags']}' --total-timesteps {kept['total_timesteps']}: "
                             "use another --out-dir"
                         )
                     continue
+                if path in damaged:
+                    continue
                 work_dir = os.path.join(args.runs_dir, agent, f"{game}_seed{seed}")
                 jobs.append(((agent, game, seed), ["nice", "-n", "10", *run_command(args, agent, game, seed)], work_dir))
     print(f"{len(jobs)} runs to do, {args.jobs} at a time", flush=True)
+    locks = {}
+
+    def on_start(name, work_dir):
+        agent, game, seed = name
+        path = result_path(args, agent, game, seed)
+        cell, place = CellLock(path[: -len(".json")] + ".lock"), CellLock(work_dir.rstrip(os.sep) + ".lock")
+        if not cell.acquire():
+            holder = cell.holder()
+            print(f"skip {cell_name(*name)}: another driver (PID {holder}) is running it (lock {cell.path})", flush=True)
+            return False
+        if os.path.exists(path):
+            cell.release()
+            print(f"skip {cell_name(*name)}: another driver has finished it ({path})", flush=True)
+            return False
+        if not place.acquire():
+            cell.release()
+            print(
+                f"skip {cell_name(*name)}: another driver (PID {place.holder()}) works in {work_dir} "
+                "(another --out-dir with the same --runs-dir: give each grid its own --runs-dir)",
+                flush=True,
+            )
+            return False
+        locks[name] = (cell, place)
+        shutil.rmtree(work_dir, ignore_errors=True)  # what is there is an ended run's: no live run works in it
+        return True
 
     def on_done(name, work_dir, returncode, seconds):
-        if returncode != 0:
-            return
+        try:
+            if returncode == 0:
+                save(name, work_dir, seconds)
+        finally:
+            for lock in locks.pop(name, ()):
+                lock.release()
+
+    def save(name, work_dir, seconds):
         agent, game, seed = name
-        result = collect(args, agent, game, seed, work_dir, seconds)
+        try:
+            result = collect(args, agent, game, seed, work_dir, seconds)
+        except Exception as error:  # noqa: BLE001  (the run is kept where the next run of the cell cannot remove it)
+            kept = f"{work_dir}.uncollected-{time.strftime('%Y%m%d-%H%M%S')}"
+            try:
+                os.replace(work_dir, kept)
+            except OSError:
+                kept = work_dir
+            print(
+                f"    {cell_name(*name)}: trained, but its result could not be collected ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}); its log and TensorBoard files are kept in {kept}",
+                flush=True,
+            )
+            return
         path = result_path(args, agent, game, seed)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, result)
         print(f"    {LABELS[agent]} {game} seed {seed}: final return {result['final_return']:.2f}, {result['sps']:.0f} SPS")
 
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    run_commands([(name, cmd, work_dir) for name, cmd, work_dir in jobs], args.jobs, env, on_done)
+    try:
+        run_commands(jobs, args.jobs, env, on_done, on_start)
+    finally:
+        for cell_locks in locks.values():
+            for lock in cell_locks:
+                lock.release()
+    return damaged
 
 
 def random_returns(args: Args) -> dict:
     """{game: mean return of a uniformly random policy}, measured once over 256 envs x --random-moves moves (at least
     1,000 episodes on every game with the default) and kept in {out_dir}/random.json."""
     path = os.path.join(args.out_dir, "random.json")
-    kept = load(path) if os.path.exists(path) else {}
+    try:
+        kept = load(path) if os.path.exists(path) else {}
+        if not (isinstance(kept, dict) and all(isinstance(kept[g]["mean_return"], (int, float)) for g in kept)):
+            raise ValueError("not a {game: {mean_return}} table")
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"{path}: unreadable or incomplete: measured again", flush=True)
+        kept = {}
     missing = [g for g in args.games if g not in kept]
     if missing:
         import jax
@@ -287,9 +509,7 @@ def random_returns(args: Args) -> dict:
             carry = (minatar_jax.batch_reset(game, key, num_envs)[0], jnp.zeros(num_envs), 0.0, 0)
             (_, _, total, count), _ = jax.jit(lambda c, k: jax.lax.scan(one_step, c, k))(carry, jax.random.split(key, num_steps))
             kept[game] = dict(mean_return=float(total / count), episodes=int(count), moves=num_envs * num_steps)
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(kept, f, indent=1)
+        write_json(path, kept)
     return {g: kept[g]["mean_return"] for g in args.games}
 
 
@@ -310,14 +530,11 @@ def stem(args: Args) -> str:
     return "" if set(args.agents) <= set(Args().agents) else "ablations_"
 
 
-def summarise(args: Args) -> str:
-    results = {}
-    for agent in args.agents:
-        for game in args.games:
-            for seed in args.seeds:
-                path = result_path(args, agent, game, seed)
-                if os.path.exists(path):
-                    results[agent, game, seed] = load(path)
+def summarise(args: Args, quiet: bool = False) -> str:
+    """The summary of the grid's readable results (a damaged file is named in one line, unless `quiet`, and left out)."""
+    results, damaged = read_results(args)
+    for line in [] if quiet else damaged.values():
+        print(line, flush=True)
     if not results:
         raise SystemExit(f"no results under {args.out_dir} for this grid")
     random = random_returns(args)
@@ -373,8 +590,10 @@ def summarise(args: Args) -> str:
     commands = sorted({r["command"].replace(f"--seed {r['seed']}", "--seed S") for r in results.values()})
     lines += ["", "Commands (S: the seed):", "", "```", *commands, "```", ""]
     summary = "\n".join(lines)
-    with open(os.path.join(args.out_dir, f"{stem(args)}summary.md"), "w") as f:
+    path = os.path.join(args.out_dir, f"{stem(args)}summary.md")
+    with open(path + f".{os.getpid()}.tmp", "w") as f:
         f.write(summary)
+    os.replace(path + f".{os.getpid()}.tmp", path)
     try:
         plot(args, results)
     except ImportError:
@@ -421,14 +640,18 @@ def plot(args: Args, results: dict):
 def main(args: Args):
     warnings.simplefilter("ignore", RuntimeWarning)  # means of empty bins
     check_args(args)
+    check_flags(args)
     for (agent, game), eta in check_initial_eta(args).items():
         if game == args.games[0]:
             print(f"{LABELS[agent]} starts from " + ", ".join(f"{k}={v:.6g}" for k, v in eta.items()))
+    damaged = {}
     if args.run:
         start = time.time()
-        run_missing(args)
+        damaged = run_missing(args)
         print(f"grid done in {time.time() - start:.0f} s")
-    print(summarise(args))
+    print(summarise(args, quiet=bool(damaged)))
+    for line in damaged.values():  # again, after the runs' output
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ class Args:
     """output path prefix"""
     tag: str = "charts/episodic_return"
     """the scalar of the learning curves"""
-    bin_steps: int = 0
-    """bin width in global steps (0: 100 bins over the longest run)"""
+    bin_steps: Optional[int] = None
+    """bin width in global steps, at least 1 (default: 100 bins over the longest run)"""
 
 
 def run_dirs(path: str) -> List[str]:
@@ -90,11 +90,25 @@ def meta_parameters(runs: List[dict]) -> dict:
     return result
 
 
-def main(args: Args):
+def check_args(args: Args):
+    """The flags, before anything is read or written: one line naming the flag at fault."""
     if not args.dirs:
         raise SystemExit("usage: python benchmark/plot.py RUN_DIR_OR_PARENT [...] [--labels ...] [--out PREFIX] (--help)")
-    if args.labels and len(args.labels) != len(args.dirs):
+    if args.labels is not None and len(args.labels) != len(args.dirs):
         raise SystemExit(f"--labels: {len(args.labels)} labels for {len(args.dirs)} directories")
+    if args.bin_steps is not None and not 1 <= args.bin_steps <= 10**15:
+        raise SystemExit(
+            f"--bin-steps {args.bin_steps}: a bin is at least 1 step and at most 10^15 (leave it out for 100 bins over the "
+            "longest run)"
+        )
+    if not args.tag.strip():
+        raise SystemExit("--tag: give a scalar's tag, e.g. charts/episodic_return")
+    if not args.out.strip():
+        raise SystemExit(f"--out {args.out!r}: give an output path prefix, e.g. plots/breakout")
+
+
+def main(args: Args):
+    check_args(args)
     groups = defaultdict(dict)  # label: {run directory: scalars}
     for i, path in enumerate(args.dirs):
         found = run_dirs(path)

@@ -24,13 +24,14 @@ def test_the_tiny_gpu_check_measures_every_part(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| qr_impala.py | " in summary and "| drmg.py | " in summary and "n/a / n/a GiB |" in summary  # no peak memory on CPU
     assert (out / "drmg_returns.png").exists() and "| --network minatar | " in summary and "Failed:" not in summary
+    assert not (out / "partial").exists() and not (out / "gpu_check.lock").exists()  # the run's files moved into --out-dir
 
 
 def test_a_failing_part_is_recorded_and_the_others_go_on(tmp_path):
     results = {}
-    args = gpu_check.Args(out_dir=str(tmp_path))
-    gpu_check.part(results, args, ("learner", "drmg"), lambda: 1 / 0)
-    gpu_check.part(results, args, ("learner", "qr_impala"), lambda: dict(update_seconds=0.5))
+    gpu_check.part(results, str(tmp_path), ("learner", "drmg"), lambda: 1 / 0)
+    gpu_check.part(results, str(tmp_path), ("learner", "qr_impala"), lambda: dict(update_seconds=0.5))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["learner"]["drmg"] == {"error": "ZeroDivisionError: division by zero"}
     assert saved["learner"]["qr_impala"] == {"update_seconds": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # written atomically: no temporary file left
