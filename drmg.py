@@ -59,6 +59,9 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
+    num_seeds: int = 1
+    """JAX environments: train the seeds --seed ... --seed + N - 1 as N independent agents in one program (vmapped),
+    each with its own run directory, TensorBoard log and checkpoint"""
     track: bool = False
     """track the run with Weights & Biases (pip install wandb): the TensorBoard scalars, the flags and this file"""
     wandb_project_name: str = "metagrad-jax"
@@ -74,7 +77,8 @@ class Args:
     eval_episodes: int = 10
     """number of episodes of the evaluation of the saved model"""
     log_frequency: int = 10
-    """print progress and log losses every this many learner updates"""
+    """print progress and log losses every this many learner updates; the on-device loop of a JAX environment makes this
+    many updates per call, the host visiting between calls to log, save and answer signals"""
     queue_timeout: float = 3600.0
     """seconds the learner and the actors wait for each other before the run stops, saying which actor is stuck"""
 
@@ -607,11 +611,10 @@ def saturated(meta_params, meta_grads):
     return {k: jnp.any((jnp.abs(jax.nn.sigmoid(v) - 0.5) > 0.5 - 1e-6) & (meta_grads[k] == 0)) for k, v in meta_params.items()}
 
 
-def learner_step(
-    agent_state: TrainState, meta_state: TrainState, rollout: Rollout, args: Args, axis_name: Optional[str] = "learner"
-):
+def learner_step(learner_state: dict, rollout: Rollout, args: Args, axis_name: Optional[str] = "learner"):
     """One gradient step from the two halves of this device's batch and, unless --meta-learn none, one meta step:
     loops (inner tau1, outer tau2) and (inner tau2, outer tau1), inner gradients and meta-gradients averaged."""
+    agent_state, meta_state = learner_state["agent"], learner_state["meta"]
     halves = []
     tau1, tau2 = split_halves(rollout)
     for inner, outer in ((tau1, tau2), (tau2, tau1)):
@@ -647,19 +650,54 @@ def learner_step(
         meta_gradients=meta_grads,
         meta_parameters=meta_state.params,
     )
-    return agent_state, meta_state, metrics, checks
+    return dict(agent=agent_state, meta=meta_state), metrics, checks
 
 
 def make_learner_step(args: Args, mesh: Mesh):
-    """Jit `learner_step`, the batch sharded along envs over the learner devices and the train states replicated."""
+    """Jit `learner_step`, the batch sharded along envs over the learner devices and the learner state replicated."""
     sharded = jax.shard_map(
-        partial(learner_step, args=args),
-        mesh=mesh,
-        in_specs=(P(), P(), P(None, "learner")),
-        out_specs=(P(), P(), P(), P()),
-        check_vma=False,
+        partial(learner_step, args=args), mesh=mesh, in_specs=(P(), P(None, "learner")), out_specs=(P(), P(), P()), check_vma=False
     )
     return jax.jit(sharded)
+
+
+def make_network(num_actions: int, args: Args) -> nn.Module:
+    """The agent's network for `num_actions` actions."""
+    return AgentNetwork(num_actions, args.num_quantiles, args.network)
+
+
+def init_params(network: nn.Module, key, obs, args: Args):
+    """The network's initial parameters from a batch of observations."""
+    return network.init(key, obs)
+
+
+def make_learner_state(apply_fn, params, args: Args) -> dict:
+    """What the learner carries from one update to the next: the agent's train state and eta's (its logits, Adam)."""
+    agent = TrainState.create(apply_fn=apply_fn, params=params, tx=make_optimizer(args))
+    return dict(agent=agent, meta=TrainState.create(apply_fn=None, params=init_meta_params(args), tx=make_meta_optimizer(args)))
+
+
+def policy_inputs(learner_state: dict, args: Args) -> dict:
+    """What the policy acts with: the agent's parameters."""
+    return dict(params=learner_state["agent"].params)
+
+
+def policy_logits(network: nn.Module, inputs: dict, obs):
+    """The behaviour policy's logits of a batch of observations."""
+    return network.apply(inputs["params"], obs)[0]
+
+
+def meta_scalars(meta: dict, args: Args) -> dict:
+    """TensorBoard's meta/ tags and values of the learnt meta-parameters: meta/{name}/q{NN} per quantile (one entry with
+    --scalar-eta), meta/{name} for a scalar."""
+    tags = {}
+    for name, value in meta.items():
+        name = name.rstrip("_")
+        if np.ndim(value):
+            tags.update({f"meta/{name}/q{q:02d}": entry for q, entry in enumerate(value[:1] if args.scalar_eta else value)})
+        else:
+            tags[f"meta/{name}"] = value
+    return tags
 
 
 def learning_rate(args: Args, count):
@@ -694,8 +732,8 @@ def make_meta_optimizer(args: Args):
 
 
 # =====================================================================================================================
-# ACTOR-LEARNER LOOP: actor threads step the environments and feed the learner (Cleanba's loop).
-# Shared but for the network each actor builds: change in all four.
+# THE LOOPS: for a JAX environment the whole loop on device (Podracer's Anakin); for EnvPool actor threads that feed
+# the learner (Sebulba, Cleanba's loop). The same `learner_step` in both. Shared: change in all four.
 # =====================================================================================================================
 
 
@@ -731,6 +769,91 @@ def make_env(env_id: str, seed: int, num_envs: int, args: Args):
     )
 
 
+def is_jax_env(env_id: str) -> bool:
+    """Whether `--env-id` is a JAX environment (MinAtar, `*_jax`): with a pure `batch_step` it trains on device."""
+    return env_id.endswith(("-MinAtar", "_jax"))
+
+
+class RunState(NamedTuple):
+    """What the on-device loop carries from one update to the next, for one seed; the checkpoint keeps all of it, so a
+    resumed run continues bit for bit."""
+
+    learner: dict  # the learner state
+    env_state: object  # the JAX environment's state, leaves [B, ...]
+    obs: jax.Array  # [B, ...] the observations the next step acts on
+    resets: jax.Array  # [B] bool: the env's episode ended at the last step, so the next step restarts it
+    action_keys: jax.Array  # [B, 2] each env's PRNG key of its actions
+    episode_returns: jax.Array  # [B] each env's return of its episode so far
+
+
+def on_device_update(run: RunState, batch_step, network: nn.Module, args: Args, axis_name: Optional[str]):
+    """One update of the on-device loop: --num-steps steps of the policy and the environment's pure
+    `batch_step(env_state, actions) -> (env_state, (obs, reward, terminated, truncated, elapsed))` in a lax.scan, the
+    same Rollout an actor thread would send, then `learner_step` on it. Returns the new RunState, the update's metrics
+    and checks, and its steps' episode ends: (ended, episodic return, episodic length), each [T, B]."""
+    inputs = policy_inputs(run.learner, args)
+
+    def env_step(carry, _):
+        env_state, obs, resets, keys, returns = carry
+        keys, action_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+        logits = policy_logits(network, inputs, obs)
+        actions = jax.vmap(jax.random.categorical)(action_keys, logits).astype(jnp.int32)
+        env_state, (next_obs, reward, terminated, truncated, elapsed) = batch_step(env_state, actions)
+        returns, ended = returns + reward, terminated | truncated
+        step = (obs, actions, logits, reward, terminated, truncated, resets, ended, returns, elapsed)
+        return (env_state, next_obs, ended, keys, jnp.where(ended, 0.0, returns)), step
+
+    carry = (run.env_state, run.obs, run.resets, run.action_keys, run.episode_returns)
+    (env_state, obs, resets, keys, returns), steps = jax.lax.scan(env_step, carry, length=args.num_steps)
+    step_obs, actions, logits, rewards, terminated, truncated, step_resets, ended, episodic_returns, elapsed = steps
+    as_float = lambda x: x.astype(jnp.float32)  # noqa: E731 (what an actor thread sends the learner)
+    rollout = Rollout(
+        obs=jnp.concatenate([step_obs, obs[None]]),
+        actions=actions,
+        behaviour_logits=logits,
+        rewards=as_float(rewards),
+        terminations=as_float(terminated),
+        truncations=as_float(truncated),
+        resets=as_float(step_resets),
+    )
+    learner, metrics, checks = learner_step(run.learner, rollout, args, axis_name)
+    return RunState(learner, env_state, obs, resets, keys, returns), (metrics, checks, (ended, episodic_returns, elapsed))
+
+
+# The sharding of a RunState: the learner state replicated, the environments split along their axis (after the seeds').
+RUN_SPECS = RunState(*[P()] + [P(None, "learner")] * 5)
+
+
+def make_on_device_train(args: Args, mesh: Mesh, batch_step, network: nn.Module, num_updates: int):
+    """Jit `num_updates` on-device updates of every seed: a lax.scan over the updates, vmapped over the seeds (the
+    RunState's leading axis), the envs split over the learner devices and the gradients averaged over them.
+    runs -> (runs, (metrics [S, K], checks [S, K], episode ends [S, K, T, B]))."""
+
+    def train(runs):
+        update = partial(on_device_update, batch_step=batch_step, network=network, args=args, axis_name="learner")
+        return jax.vmap(lambda run: jax.lax.scan(lambda run, _: update(run), run, length=num_updates))(runs)
+
+    out_specs = (RUN_SPECS, (P(), P(), P(None, None, None, "learner")))
+    return jax.jit(jax.shard_map(train, mesh=mesh, in_specs=(RUN_SPECS,), out_specs=out_specs, check_vma=False))
+
+
+def new_run(args: Args, seed: int, network: nn.Module, obs_sample, on_device: bool) -> dict:
+    """A seed's fresh start: its learner state from the seed's network key (the same for both loops), and on device its
+    RunState (its learner state apart: `learner` {}), the environments reset from the seed, their action keys from its
+    actor key."""
+    network_key, actor_key = jax.random.split(jax.random.PRNGKey(seed), 3)[1:]
+    learner = make_learner_state(network.apply, init_params(network, network_key, obs_sample, args), args)
+    if not on_device:
+        return dict(learner=learner, actor_key=actor_key)
+    num_envs = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)
+    envs = make_env(args.env_id, seed + jax.process_index() * 1000, num_envs, args)
+    obs, _ = envs.reset()
+    action_keys = jax.random.split(jax.random.fold_in(actor_key, jax.process_index()), num_envs)
+    zeros = np.zeros(num_envs, np.float32)
+    run = RunState({}, envs.state, jnp.asarray(obs), jnp.zeros(num_envs, bool), action_keys, jnp.asarray(zeros))
+    return dict(learner=learner, run=run, batch_step=envs.batch_step, actor_key=actor_key)
+
+
 def learner_dtype(dtype):
     """The actors send booleans and floats to the learner as float32."""
     return np.dtype(np.float32) if dtype == bool or np.dtype(dtype).kind == "f" else np.dtype(dtype)
@@ -748,93 +871,79 @@ def rollout_spec(args: Args, observation_space, num_actions: int, sharding) -> R
     )
 
 
-def patiently(operation, stop: threading.Event, timeout: float, what: str):
+def wait_on(queue_operation, stop: threading.Event, timeout: float, what: str):
     """Retry a blocking queue get or put every second until it succeeds; None once `stop` is set; TimeoutError after
     `timeout` seconds, saying `what` did not come."""
     start = time.time()
     while not stop.is_set():
         try:
-            return operation(timeout=1.0)
+            return queue_operation(timeout=1.0)
         except (queue.Empty, queue.Full):
             if time.time() - start > timeout:
                 raise TimeoutError(f"{what} for {timeout:g} s")
     return None
 
 
-def rollout(
+def actor_loop(
     key: jax.random.PRNGKey,
     args: Args,
     rollout_queue: queue.Queue,
-    params_queue: queue.Queue,
+    policy_queue: queue.Queue,
     writer: SummaryWriter,
     learner_devices: Sequence[jax.Device],
-    device_thread_id: int,
+    thread_index: int,
     actor_device: jax.Device,
     start: Tuple[int, int],
-    returned_episode_returns: deque,
+    recent_returns: deque,
     stop: threading.Event,
-    status: List[str],
+    doing: List[str],
 ):
-    """An actor thread: step its EnvPool with the latest params it was given, put each unroll on `rollout_queue`,
-    from update and global step `start` until the last update or `stop`; `status[device_thread_id]` says what it does."""
-    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + device_thread_id, args.local_num_envs, args)
-    network = AgentNetwork(envs.action_space.n, args.num_quantiles, args.network)
+    """An actor thread: step its EnvPool with the latest policy it was given (`policy_inputs`), put each unroll on
+    `rollout_queue`, from update and global step `start` until the last update or `stop`; `doing[thread_index]` says
+    what it is doing."""
+    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + thread_index, args.local_num_envs, args)
+    network = make_network(envs.action_space.n, args)
     num_envs = args.local_num_envs
     # global steps per env step of this thread: every env of every actor thread of every process steps once meanwhile
     steps_per_tick = num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
 
     @jax.jit
-    def get_action(params, obs, key):
-        logits, _ = network.apply(params, obs)
+    def get_action(inputs, obs, key):
         key, subkey = jax.random.split(key)
+        logits = policy_logits(network, inputs, obs)
         return jax.random.categorical(subkey, logits), logits, key
 
     episode_returns = np.zeros(num_envs)
     obs, _ = envs.reset()
     reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
-    # A JAX environment steps on device: the whole unroll of the policy and the environment in one jitted call.
-    device_unroll = make_device_unroll(envs, get_action, args.num_steps) if hasattr(envs, "batch_step") else None
-    env_state = jax.device_put(envs.state, actor_device) if device_unroll else None
     start_update, global_step = start
     for update in range(start_update + 1, args.num_updates + 1):
         rollout_start = time.time()
-        # Rollout k acts with the params of update k - 2, whatever the speed of the hardware (Cleanba's rule): the
-        # first two rollouts use the initial params; the learner computes update k - 1 while rollout k runs.
+        # Rollout k acts with the policy of update k - 2, whatever the speed of the hardware (Cleanba's rule): the
+        # first two rollouts use the initial policy; the learner computes update k - 1 while rollout k runs.
         if update != start_update + 2:
-            status[device_thread_id] = "waiting for parameters from the learner"
-            params = patiently(params_queue.get, stop, args.queue_timeout, "no parameters from the learner")
-            if params is None:
+            doing[thread_index] = "waiting for parameters from the learner"
+            inputs = wait_on(policy_queue.get, stop, args.queue_timeout, "no parameters from the learner")
+            if inputs is None:
                 return
-        params_queue_get_time = time.time() - rollout_start
+        policy_queue_get_time = time.time() - rollout_start
         env_time = inference_time = 0.0
         storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
         finished = []  # (global step at its end, return, length) of every episode that ends in this unroll
-        status[device_thread_id] = "stepping its environments"
-        if device_unroll:  # its steps are replayed below: stats/inference_time covers the policy and the environment
-            inference_start = time.time()
-            env_state, key, unrolled = device_unroll((params,), env_state, jax.device_put(obs, actor_device), key)
-            unrolled = jax.device_get(unrolled)
-            inference_time += time.time() - inference_start
+        doing[thread_index] = "stepping its environments"
         for t in range(args.num_steps):
             if stop.is_set():
                 return
             inference_start = time.time()
-            if device_unroll:
-                actions, logits = unrolled[0][t], unrolled[1][t]
-            else:
-                actions, logits, key = get_action(params, jax.device_put(obs, actor_device), key)
-                actions = np.asarray(actions)
+            actions, logits, key = get_action(inputs, jax.device_put(obs, actor_device), key)
+            actions = np.asarray(actions)
             inference_time += time.time() - inference_start
             storage["obs"].append(obs)
             storage["actions"].append(actions)
             storage["behaviour_logits"].append(logits)
             storage["resets"].append(reset_next)
             env_start = time.time()
-            if device_unroll:
-                obs, reward, terminated, truncated, elapsed = (x[t] for x in unrolled[2:])
-            else:
-                obs, reward, terminated, truncated, info = envs.step(actions)
-                elapsed = info["elapsed_step"]
+            obs, reward, terminated, truncated, info = envs.step(actions)
             env_time += time.time() - env_start
             terminated, truncated = terminated.astype(bool), truncated.astype(bool)
             storage["rewards"].append(reward)
@@ -843,7 +952,7 @@ def rollout(
             episode_returns += reward
             done = terminated | truncated
             end_step = global_step + (t + 1) * steps_per_tick
-            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], elapsed[done])]
+            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], info["elapsed_step"][done])]
             episode_returns[done] = 0.0
             reset_next = done
         storage["obs"].append(obs)
@@ -858,51 +967,108 @@ def rollout(
                 jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)
             ]
         device_put_time = time.time() - device_put_start
-        status[device_thread_id] = "waiting for the learner to take its rollout"
-        patiently(partial(rollout_queue.put, (global_step, shards)), stop, args.queue_timeout, "the learner took no rollout")
+        doing[thread_index] = "waiting for the learner to take its rollout"
+        wait_on(partial(rollout_queue.put, (global_step, shards)), stop, args.queue_timeout, "the learner took no rollout")
         rollout_queue_put_time = time.time() - device_put_start - device_put_time
-        if device_thread_id == 0:
+        if thread_index == 0:
             writer.add_scalar("stats/rollout_time", time.time() - rollout_start, global_step)
-            writer.add_scalar("stats/params_queue_get_time", params_queue_get_time, global_step)
+            writer.add_scalar("stats/params_queue_get_time", policy_queue_get_time, global_step)
             writer.add_scalar("stats/env_time", env_time, global_step)
             writer.add_scalar("stats/inference_time", inference_time, global_step)
             writer.add_scalar("stats/device_put_time", device_put_time, global_step)
             writer.add_scalar("stats/rollout_queue_put_time", rollout_queue_put_time, global_step)
         for end_step, episodic_return, episodic_length in finished:  # every episode of every thread, at its own step
-            returned_episode_returns.append(episodic_return)
+            recent_returns.append(episodic_return)
             writer.add_scalar("charts/episodic_return", episodic_return, end_step)
             writer.add_scalar("charts/episodic_length", episodic_length, end_step)
-        if device_thread_id == 0 and returned_episode_returns:
-            writer.add_scalar("charts/avg_episodic_return_last100", np.mean(returned_episode_returns), global_step)
-    status[device_thread_id] = "done"
+        if thread_index == 0 and recent_returns:
+            writer.add_scalar("charts/avg_episodic_return_last100", np.mean(recent_returns), global_step)
+    doing[thread_index] = "done"
 
 
-def make_device_unroll(envs, get_action, num_steps: int):
-    """For a JAX environment (a vector env with a pure `batch_step(state, actions)` and its `state`): `num_steps` steps
-    of `get_action` and the environment in one jitted lax.scan instead of two calls per step, with the same keys.
-    (policy_inputs, state, obs, key) -> (state, key, (actions, logits, obs, rewards, terminations, truncations,
-    elapsed steps)), each [num_steps, B, ...], obs the observations after each step; get_action(*policy_inputs, obs, key)."""
+class Actors:
+    """The actor threads of the actor-learner loop, one per actor device and thread, each with a queue for its rollouts
+    and one for the policy it acts with. `next_batch()`: one rollout of every thread, joined along the envs into the
+    learner's sharded batch; `hand_out(learner_state)`: the new policy to every thread; `close()`: stop and join them.
+    A failed actor stops the run with its error; one that is stuck past --queue-timeout, with what it is doing."""
 
-    def one_step(policy_inputs, carry, _):
-        state, obs, key = carry
-        actions, logits, key = get_action(*policy_inputs, obs, key)
-        state, (obs, reward, terminated, truncated, elapsed) = envs.batch_step(state, actions)
-        return (state, obs, key), (actions, logits, obs, reward, terminated, truncated, elapsed)
+    def __init__(self, args: Args, learner_state, key, start, writer, recent_returns, stop, mesh, local_devices):
+        self.args, self.stop, self.mesh, self.local_devices = args, stop, mesh, local_devices
+        self.learner_devices = [local_devices[d] for d in args.learner_device_ids]
+        self.errors, self.rollout_queues, self.policy_queues, self.threads = queue.Queue(), [], [], []
+        self.doing = ["starting"] * (len(args.actor_device_ids) * args.num_actor_threads)
+        for d_idx, d_id in enumerate(args.actor_device_ids):
+            for thread_id in range(args.num_actor_threads):
+                self.rollout_queues.append(queue.Queue(maxsize=1))
+                self.policy_queues.append(queue.Queue(maxsize=1))
+                self.policy_queues[-1].put(jax.device_put(self.local_policy(learner_state), local_devices[d_id]))
+                key, thread_key = jax.random.split(key)
+                loop_args = dict(key=thread_key, args=args, rollout_queue=self.rollout_queues[-1])
+                loop_args.update(policy_queue=self.policy_queues[-1], writer=writer, learner_devices=self.learner_devices)
+                loop_args.update(thread_index=d_idx * args.num_actor_threads + thread_id, actor_device=local_devices[d_id])
+                loop_args.update(start=start, recent_returns=recent_returns, stop=stop, doing=self.doing)
+                thread = threading.Thread(target=self.run, kwargs=loop_args, name=f"actor thread {len(self.threads)}")
+                thread.daemon = True
+                thread.start()
+                self.threads.append(thread)
 
-    @jax.jit
-    def unroll(policy_inputs, state, obs, key):
-        (state, _, key), steps = jax.lax.scan(partial(one_step, policy_inputs), (state, obs, key), length=num_steps)
-        return state, key, steps
+    def run(self, **loop_args):
+        """`actor_loop`; its exception goes to `errors`, with which the learner stops the run instead of waiting forever."""
+        try:
+            actor_loop(**loop_args)
+        except BaseException as e:  # noqa: B902
+            self.errors.put((threading.current_thread().name, e))
 
-    return unroll
+    def local_policy(self, learner_state):
+        """The policy's inputs of a replicated learner state, as this process's arrays."""
+        return jax.tree.map(lambda x: x.addressable_shards[0].data, policy_inputs(learner_state, self.args))
 
+    def wait(self, thread_index: int, operation, what: str):
+        """`operation` on a thread's queue, retried every second; None once the run is asked to stop; a failed actor, or
+        one that is stuck past --queue-timeout, stops the run."""
+        start = time.time()
+        while not self.stop.is_set():
+            if not self.errors.empty():
+                thread_name, error = self.errors.get()
+                raise RuntimeError(f"{thread_name} failed: {type(error).__name__}: {error}") from error
+            try:
+                return operation(timeout=1.0)
+            except (queue.Empty, queue.Full):
+                if time.time() - start > self.args.queue_timeout:
+                    doing = self.doing[thread_index]
+                    raise TimeoutError(f"actor thread {thread_index} {what} for {self.args.queue_timeout:g} s: it is {doing}")
+        return None
 
-def actor_thread(errors: queue.Queue, **rollout_kwargs):
-    """Run `rollout`; any exception goes to `errors`, with which the learner stops the run instead of waiting forever."""
-    try:
-        rollout(**rollout_kwargs)
-    except BaseException as e:  # noqa: B902
-        errors.put((threading.current_thread().name, e))
+    def next_batch(self):
+        """(global step after it, the learner's batch): one rollout of every thread, joined on each learner device along
+        the envs; None once the run is asked to stop."""
+        rollouts = [self.wait(i, q.get, "sent no rollout") for i, q in enumerate(self.rollout_queues)]
+        if self.stop.is_set():
+            return None
+        sharding = NamedSharding(self.mesh, P(None, "learner"))
+
+        def join(name):
+            arrays = [
+                jnp.concatenate([shards[name][i] for _, shards in rollouts], axis=1) for i in range(len(self.learner_devices))
+            ]
+            shape = arrays[0].shape
+            global_shape = (shape[0], shape[1] * self.mesh.size) + shape[2:]
+            return jax.make_array_from_single_device_arrays(global_shape, sharding, arrays)
+
+        return rollouts[0][0], Rollout(**{name: join(name) for name in Rollout._fields})
+
+    def hand_out(self, learner_state):
+        """The policy of `learner_state` to every thread, on its actor device."""
+        inputs = self.local_policy(learner_state)
+        for i, q in enumerate(self.policy_queues):
+            device = self.local_devices[self.args.actor_device_ids[i // self.args.num_actor_threads]]
+            self.wait(i, partial(q.put, jax.device_put(inputs, device)), "took no parameters")
+
+    def close(self):
+        """Stop the threads and let them close their environments; a stuck one is left to end with the process."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
 
 
 # =====================================================================================================================
@@ -949,6 +1115,16 @@ def check_args(args: Args):
         raise SystemExit("--noop-max and --envpool-threads must be >= 0 and --max-episode-steps >= 1")
     if args.envpool_threads > args.local_num_envs:  # EnvPool aborts natively on absurd counts; more are idle anyway
         raise SystemExit(f"--envpool-threads {args.envpool_threads}: at most --local-num-envs ({args.local_num_envs})")
+    last_seed = args.seed + args.num_seeds + 1000 * (args.num_processes or 1) + args.num_actor_threads * len(args.actor_device_ids)
+    if args.seed < 0 or last_seed > 2**31 - 1:  # EnvPool takes its seed as a C int
+        raise SystemExit(f"--seed {args.seed}: the run's seeds (--seed + its seeds, processes and actor threads) must lie in [0, 2^31)")
+    envs_steps = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.num_steps
+    if args.total_timesteps // max(1, envs_steps) > 2**31 - 1:  # the optimiser counts its steps in int32
+        raise SystemExit(f"--total-timesteps {args.total_timesteps}: more than 2^31 - 1 updates of {envs_steps} steps")
+    if args.num_seeds < 1 or (args.num_seeds > 1 and not is_jax_env(args.env_id)):
+        raise SystemExit(f"--num-seeds {args.num_seeds}: at least 1, and more than 1 only for a JAX environment (MinAtar, *_jax)")
+    if args.track and args.num_seeds > 1:
+        raise SystemExit(f"--track follows one run in Weights & Biases: --num-seeds {args.num_seeds} needs --num-seeds 1")
     if args.log_frequency < 1 or args.eval_episodes < 1 or args.save_every < 0 or args.total_timesteps < 1:
         raise SystemExit("--log-frequency, --eval-episodes and --total-timesteps must be >= 1, --save-every >= 0")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
@@ -963,6 +1139,8 @@ def check_args(args: Args):
         raise SystemExit("--meta-learning-rate and --meta-grad-clip must be positive and finite")
     if args.bmg_steps < 0 or not 0 <= args.bmg_value_coef < np.inf:
         raise SystemExit("--bmg-steps must be >= 0 and --bmg-value-coef >= 0 and finite")
+    if args.bmg_steps > 64:  # each step is one more gradient of the batch, unrolled into the compiled learner step
+        raise SystemExit(f"--bmg-steps {args.bmg_steps}: at most 64 (each step is compiled into the learner step)")
     if (args.bmg_steps or args.bmg_value_coef) and (args.meta_learn == "none" or not args.bmg_steps):
         raise SystemExit("--bmg-steps and --bmg-value-coef need meta-learning: --bmg-steps >= 1, not --meta-learn none")
     for name in ("actor_device_ids", "learner_device_ids"):
@@ -1070,7 +1248,8 @@ def check_params_fit(init, args: Args, learner_devices: Sequence[jax.Device]):
 
 
 def compile_learner_step(compile_at, args: Args, learner_devices: Sequence[jax.Device]):
-    """(the compiled learner step, a line on its chunk and memory); `compile_at(chunk_envs)` compiles it at a chunk.
+    """(the compiled update, its --chunk-envs, a line on its chunk and memory); `compile_at(chunk_envs)` compiles the
+    learner step, or the on-device loop's call, at a chunk.
 
     At --chunk-envs when it is given. Unset, on CPU at 16 (the fastest there: benchmark/update_time.py); on an
     accelerator at the largest chunk whose step fits the learner device: the whole batch, else half of it, a quarter,
@@ -1087,7 +1266,7 @@ def compile_learner_step(compile_at, args: Args, learner_devices: Sequence[jax.D
         if available is None or needed <= available:
             how = "given" if args.chunk_envs is not None else "CPU" if learner_devices[0].platform == "cpu" else "largest to fit"
             there = gib(available) if available is not None else "unknown"
-            return compiled, f"learner step: {gib(needed)} per device of {there}, --chunk-envs {chunk_envs} ({how})"
+            return compiled, chunk_envs, f"learner step: {gib(needed)} per device of {there}, --chunk-envs {chunk_envs} ({how})"
     raise SystemExit(
         f"the learner step needs {gib(needed)} per learner device ({learner_devices[0].device_kind}) and there are "
         f"{gib(available)}: lower --chunk-envs (now {chunk_envs}), --local-num-envs or --num-steps"
@@ -1110,7 +1289,7 @@ def local_copy(tree):
 
 # Which script wrote a checkpoint, and in which format (raise it when what save_checkpoint writes changes).
 SCRIPT = os.path.basename(__file__)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class ForeignCheckpoint(ValueError):
@@ -1165,9 +1344,14 @@ def load_checkpoint(path: str) -> dict:
 
 
 def load_model(path: str):
-    """Return (args, params) of a checkpoint."""
+    """(args, the network, the policy's inputs) of a checkpoint."""
     saved = load_checkpoint(path)
-    return saved["args"], saved["agent_state"]["params"]
+    args = saved["args"]
+    envs = make_env(args.env_id, 0, 1, args)
+    network = make_network(envs.action_space.n, args)
+    obs = np.array([envs.observation_space.sample()])
+    learner = make_learner_state(network.apply, init_params(network, jax.random.PRNGKey(0), obs, args), args)
+    return args, network, policy_inputs(flax.serialization.from_state_dict(learner, saved["learner_state"]), args)
 
 
 # Flags that may differ from the checkpoint's when a run resumes: where and how it runs, not what it learns.
@@ -1188,18 +1372,31 @@ def given_flags(argv: Sequence[str]) -> set:
 
 
 def resume_args(args: Args, given: set):
-    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoint); one line if it cannot resume.
-    Any other flag given (`given_flags`) must equal the checkpoint's, even where it equals the default."""
-    try:
-        saved = load_checkpoint(args.resume)
-    except ForeignCheckpoint as e:
-        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT}: {e}") from None
-    except Exception as e:  # noqa: B902 (a missing file, not a checkpoint at all, another script's flags)
-        raise SystemExit(f"--resume {args.resume}: not a checkpoint of {SCRIPT} ({e})") from None
+    """(the checkpoint's flags with the RESUME_FLAGS this command gives, the checkpoints of its seeds: of every run of
+    its --num-seeds group, in seed order); one line if it cannot resume. Any other flag given (`given_flags`) must equal
+    the checkpoint's, even where it equals the default."""
+
+    def load(path):
+        try:
+            return load_checkpoint(path)
+        except ForeignCheckpoint as e:
+            raise SystemExit(f"--resume {path}: not a checkpoint of {SCRIPT}: {e}") from None
+        except Exception as e:  # noqa: B902 (a missing file, not a checkpoint at all, another script's flags)
+            raise SystemExit(f"--resume {path}: not a checkpoint of {SCRIPT} ({e})") from None
+
+    saved = load(args.resume)
+    saved.setdefault("group", json.dumps([os.path.basename(os.path.dirname(os.path.abspath(args.resume)))]))
+    runs_dir, name = os.path.dirname(os.path.dirname(os.path.abspath(args.resume))), os.path.basename(args.resume)
+    group = [
+        saved if run == os.path.basename(os.path.dirname(os.path.abspath(args.resume))) else load(os.path.join(runs_dir, run, name))
+        for run in json.loads(saved["group"])
+    ]
     for name in sorted(given - set(RESUME_FLAGS)):
         if getattr(args, name) != getattr(saved["args"], name):
             raise SystemExit(f"--resume continues a run with its own flags: --{name.replace('_', '-')} cannot change")
-    return replace(saved["args"], **{name: getattr(args, name) for name in given & set(RESUME_FLAGS)}), saved
+    if len({int(s["update"]) for s in group}) > 1:
+        raise SystemExit(f"--resume {args.resume}: the runs of its --num-seeds group stopped at different updates")
+    return replace(saved["args"], **{name: getattr(args, name) for name in given & set(RESUME_FLAGS)}), group
 
 
 def check_devices(args: Args, local_devices: Sequence[jax.Device]):
@@ -1225,18 +1422,108 @@ def report(kind, error, traceback):
     sys.__excepthook__(kind, error, traceback)
 
 
+class StopRequest:
+    """SIGINT and SIGTERM. The first asks the run to stop at the host's next visit (after the current update, or the
+    on-device loop's current call), save its checkpoint and exit 128 + signum; a second one exits at once, losing the
+    work since the last checkpoint, and so does one before the run directory exists (while the update compiles, say)."""
+
+    def __init__(self):
+        self.event, self.signum, self.run_dir = threading.Event(), None, None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.run_dir is None:
+            print(f"{name}: exit now, before the run started: nothing was written", flush=True)
+            os._exit(128 + signum)
+        if self.signum is not None:
+            print(f"{name}: exit now; the work since the last checkpoint is lost", flush=True)
+            os._exit(128 + signum)
+        print(f"{name}: the run stops after the current update (a second signal exits now)", flush=True)
+        self.signum = signum
+        self.event.set()
+
+
+def process_part(x):
+    """This process's part of an array as numpy: a replicated one whole, one split along the envs (axis 1, after the
+    seeds') as the envs of this process's devices, in order."""
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    shards = {tuple(s.start or 0 for s in shard.index): shard.data for shard in x.addressable_shards}
+    parts = [np.asarray(shards[index]) for index in sorted(shards)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def stop_if_non_finite(checks, first_update: int, checkpoint_path: str, seeds: Sequence[int]):
+    """Stop the run, naming the first update (and seed) whose loss, gradients or parameters are not finite; the last
+    checkpoint is the last finite one. `checks["non_finite"]`: {name: flags [seeds, updates]} from update `first_update`."""
+    flags = {name: np.asarray(bad).reshape(len(seeds), -1) for name, bad in jax.device_get(checks["non_finite"]).items()}
+    any_bad = np.any(np.stack(list(flags.values())), axis=0)  # [seeds, updates]
+    if any_bad.any():
+        k = int(np.argmax(any_bad.any(axis=0)))
+        seed_index = int(np.argmax(any_bad[:, k]))
+        failed = [name for name, bad in flags.items() if bad[seed_index, k]]
+        last = checkpoint_path if os.path.exists(checkpoint_path) else "none was written"
+        which = f" of seed {seeds[seed_index]}" if len(seeds) > 1 else ""
+        raise SystemExit(
+            f"non-finite {' and '.join(failed)} at update {first_update + k}{which}: stopped; the last finite checkpoint: {last}"
+        )
+
+
+def report_saturated(checks, update: int, global_step: int, writer, reported: set):
+    """Warn once per meta-parameter whose sigmoid is within 1e-6 of 0 or 1 with a zero meta-gradient
+    (`checks["saturated"]`: {name: flags, any shape}), on the console and in TensorBoard's text."""
+    for name, flags in jax.device_get(checks.get("saturated", {})).items():
+        if np.any(flags) and name not in reported:
+            reported.add(name)
+            message = f"meta-parameter {name} saturated at update {update}: a sigmoid within 1e-6 of 0 or 1, meta-gradient 0"
+            print(f"warning: {message}")
+            writer.add_text("warnings", message, global_step)
+
+
+def log_update(writer, args: Args, update: int, global_step: int, metrics: dict, stats: dict):
+    """The update's scalars: the learning rate, the losses (losses/), the learnt meta-parameters (meta/) and the loop's
+    timings (charts/SPS, stats/)."""
+    metrics = dict(metrics)
+    writer.add_scalar("charts/learning_rate", learning_rate(args, update), global_step)
+    for tag, value in meta_scalars(metrics.pop("meta", {}), args).items():
+        writer.add_scalar(tag, value, global_step)
+    if "meta_grad_norm" in metrics:
+        writer.add_scalar("meta/grad_norm", metrics.pop("meta_grad_norm"), global_step)
+    for name, value in metrics.items():
+        writer.add_scalar(f"losses/{name}", value, global_step)
+    for tag, value in stats.items():
+        writer.add_scalar(tag, value, global_step)
+
+
+def log_episodes(writer, episodes, step_before: int, envs_per_step: int, recent_returns: deque):
+    """Every episode that ended in the on-device loop's call, at its own global step, and the mean return of the last
+    100. episodes: (ended, return, length), each [updates, T, B] of one seed; step_before: the global step before the
+    call; envs_per_step: the global steps of one step of every env (the envs of every process)."""
+    ended, returns, lengths = (np.asarray(x) for x in episodes)
+    num_steps = ended.shape[1]
+    for k, t, b in zip(*np.nonzero(ended)):
+        end_step = step_before + (k * num_steps + t + 1) * envs_per_step
+        recent_returns.append(float(returns[k, t, b]))
+        writer.add_scalar("charts/episodic_return", returns[k, t, b], end_step)
+        writer.add_scalar("charts/episodic_length", lengths[k, t, b], end_step)
+    if recent_returns:
+        step_after = step_before + ended.shape[0] * num_steps * envs_per_step
+        writer.add_scalar("charts/avg_episodic_return_last100", np.mean(recent_returns), step_after)
+
+
 def evaluate(model_path: str, eval_episodes: int, seed: int = 0):
     """Run the saved policy for `eval_episodes` episodes, one env each; return their unclipped returns."""
-    args, params = load_model(model_path)
+    args, network, inputs = load_model(model_path)
     envs = make_env(args.env_id, seed, eval_episodes, args)
-    network = AgentNetwork(envs.action_space.n, args.num_quantiles, args.network)
-    act = jax.jit(lambda p, o, k: jax.random.categorical(k, network.apply(p, o)[0]))
+    act = jax.jit(lambda p, o, k: jax.random.categorical(k, policy_logits(network, p, o)))
     key = jax.random.PRNGKey(seed)
     obs, _ = envs.reset()
     returns, episodic_returns = np.zeros(eval_episodes), np.full(eval_episodes, np.nan)
     while np.isnan(episodic_returns).any():
         key, subkey = jax.random.split(key)
-        actions = act(params, obs, subkey)
+        actions = act(inputs, obs, subkey)
         obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions))
         returns += reward
         done = (terminated | truncated) & np.isnan(episodic_returns)
@@ -1245,32 +1532,16 @@ def evaluate(model_path: str, eval_episodes: int, seed: int = 0):
 
 
 # =====================================================================================================================
-# MAIN: setup, actors, learner loop, shutdown.
+# MAIN: setup, then the loop (on device for a JAX environment, actor threads for EnvPool), then shutdown.
 # =====================================================================================================================
 
 if __name__ == "__main__":
-    # --- setup: flags, signals, devices, the run directory, the train state, the compiled learner step, the writer
+    # --- setup: flags, signals, devices, each seed's start, the compiled update, the run directories and writers
     sys.excepthook = report
     args = tyro.cli(Args, default=default_args(sys.argv[1:]))
-    args, saved = resume_args(args, given_flags(sys.argv[1:])) if args.resume else (args, None)
+    args, saved = resume_args(args, given_flags(sys.argv[1:])) if args.resume else (args, [])
     check_args(args)
-    stop, stop_signal = threading.Event(), []  # the actors and the learner finish when `stop` is set
-
-    started = []  # the run directory, once it exists: a signal before then exits at once, nothing having been written
-
-    def request_stop(signum, frame):
-        """SIGINT, SIGTERM: finish the current update, save the checkpoint, exit 128 + signum; a second one exits now,
-        and so does one before the run directory exists (while the learner step compiles, say)."""
-        name = signal.Signals(signum).name
-        if stop_signal or not started:
-            print(f"{name}: exit now" + ("" if started else ", before the run started: nothing was written"), flush=True)
-            os._exit(128 + signum)
-        print(f"{name}: the run stops after the current update (a second signal exits now)", flush=True)
-        stop_signal.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = StopRequest()
     if args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # processes on CPUs reduce through gloo
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -1280,55 +1551,72 @@ if __name__ == "__main__":
     args.local_batch_size = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.num_steps
     args.batch_size = args.local_batch_size * args.world_size
     args.num_updates = max(1, args.total_timesteps // args.batch_size)
-    actor_devices = [local_devices[d] for d in args.actor_device_ids]
     learner_devices = [local_devices[d] for d in args.learner_device_ids]
     global_learner_devices = [
         jax.devices()[d + p * len(local_devices)] for p in range(args.world_size) for d in args.learner_device_ids
     ]
     mesh = Mesh(np.array(global_learner_devices), ("learner",))
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    seeds = [args.seed + i for i in range(args.num_seeds)]
 
-    key = jax.random.PRNGKey(args.seed)
-    key, network_key, actor_key = jax.random.split(key, 3)
     envs = make_env(args.env_id, args.seed, 1, args)
-    network = AgentNetwork(envs.action_space.n, args.num_quantiles, args.network)
-    init = partial(network.init, network_key, np.array([envs.observation_space.sample()]))
-    check_params_fit(init, args, learner_devices)
-    params = init()
+    on_device = is_jax_env(args.env_id) and hasattr(envs, "batch_step")  # a JAX env without a pure step: actor threads
+    if len(seeds) > 1 and not on_device:
+        raise SystemExit(f"--num-seeds {len(seeds)}: {args.env_id} has no pure batch_step to train on device")
+    network = make_network(envs.action_space.n, args)
+    obs_sample = np.array([envs.observation_space.sample()])
+    check_params_fit(partial(init_params, network, jax.random.PRNGKey(0), obs_sample, args), args, learner_devices)
     observation_space, num_actions = envs.observation_space, envs.action_space.n
     del envs
+    starts = [new_run(args, seed, network, obs_sample, on_device) for seed in seeds]
+    update, global_step, recent_returns = 0, 0, [deque(maxlen=100) for _ in seeds]
+    keep_envs = on_device and args.world_size == 1  # with several processes each has its own envs: they restart
+    if saved:
+        update, global_step = int(saved[0]["update"]), int(saved[0]["global_step"])
+        for start, checkpoint, returns in zip(starts, saved, recent_returns):
+            start["learner"] = flax.serialization.from_state_dict(start["learner"], checkpoint["learner_state"])
+            if keep_envs:
+                start["run"] = flax.serialization.from_state_dict(start["run"], checkpoint["run"])
+            start["actor_key"] = jax.random.fold_in(checkpoint["actor_key"], update)
+            returns.extend(checkpoint["returns"])
 
-    agent_state = TrainState.create(apply_fn=network.apply, params=params, tx=make_optimizer(args))
-    meta_state = TrainState.create(apply_fn=None, params=init_meta_params(args), tx=make_meta_optimizer(args))
-    start_update, global_step, returned_episode_returns = 0, 0, deque(maxlen=100)
-    if saved:  # environments restart: EnvPool's state cannot be saved
-        agent_state = flax.serialization.from_state_dict(agent_state, saved["agent_state"])
-        meta_state = flax.serialization.from_state_dict(meta_state, saved["meta_state"])
-        start_update, global_step = int(saved["update"]), int(saved["global_step"])
-        actor_key = jax.random.fold_in(saved["actor_key"], start_update)
-        returned_episode_returns.extend(saved["returns"])
-    # Host copies: a device array cannot be put on a sharding that spans other processes' devices.
-    agent_state = jax.device_put(local_copy(agent_state), NamedSharding(mesh, P()))
-    meta_state = jax.device_put(local_copy(meta_state), NamedSharding(mesh, P()))
-    batch_sharding = NamedSharding(mesh, P(None, "learner"))
-    # Compile the learner step now: a batch that cannot fit the learner device stops the run before anything is written.
-    spec = rollout_spec(args, observation_space, num_actions, batch_sharding)
+    def put(tree, spec):
+        """Host arrays onto the learner mesh: this process's part of an array sharded by `spec`."""
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(x)), tree)
 
-    def compile_at(chunk_envs):
-        return make_learner_step(replace(args, chunk_envs=chunk_envs), mesh).lower(agent_state, meta_state, spec).compile()
+    if on_device:  # every seed's RunState stacked along a leading axis, the envs split over the learner devices
+        seed_runs = [jax.tree.leaves(start["run"]._replace(learner=start["learner"])) for start in starts]
+        stacked = jax.tree.unflatten(jax.tree.structure(starts[0]["run"]._replace(learner=starts[0]["learner"])), [np.stack(x) for x in zip(*seed_runs)])
+        runs = RunState(*[put(part, spec) for part, spec in zip(stacked, RUN_SPECS)])
+        batch_step, calls = starts[0]["batch_step"], max(1, min(args.log_frequency, args.num_updates - update))
 
-    print(f"compiling the learner step for a batch of {args.local_batch_size} steps ...", flush=True)
-    update_fn, memory = compile_learner_step(compile_at, args, learner_devices)
+        def compile_at(chunk_envs):
+            return make_on_device_train(replace(args, chunk_envs=chunk_envs), mesh, batch_step, network, calls).lower(runs).compile()
+
+    else:
+        learner_state = put(starts[0]["learner"], P())
+        spec = rollout_spec(args, observation_space, num_actions, NamedSharding(mesh, P(None, "learner")))
+
+        def compile_at(chunk_envs):
+            return make_learner_step(replace(args, chunk_envs=chunk_envs), mesh).lower(learner_state, spec).compile()
+
+    loop = "on device (the policy, the environment and the learner in one program)" if on_device else "actor threads"
+    print(f"compiling the learner step for a batch of {args.local_batch_size} steps, the loop {loop} ...", flush=True)
+    update_fn, chunk_envs, memory = compile_learner_step(compile_at, args, learner_devices)
     # Created only now that the startup checks have passed, and exclusively: simultaneous runs never share one.
-    run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(run_name, jax.process_index() == 0)
-    started.append(run_dir)
-    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.flax_model")
-    print(f"run {run_dir}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
+    if args.resume:
+        run_dirs = [os.path.join(os.path.dirname(os.path.dirname(args.resume)), run) for run in json.loads(saved[0]["group"])]
+    else:
+        stamp = int(time.time())
+        run_dirs = [make_run_dir(f"{args.env_id}__{args.exp_name}__{s}__{stamp}", jax.process_index() == 0) for s in seeds]
+    stop.run_dir = run_dirs[0]
+    checkpoint_paths = [os.path.join(run_dir, f"{args.exp_name}.flax_model") for run_dir in run_dirs]
+    print(f"run {', '.join(run_dirs)}: {args.num_updates} updates of {args.batch_size} steps; learner devices {global_learner_devices}")
     print(memory)
     if args.total_timesteps < args.batch_size:
         print(f"--total-timesteps {args.total_timesteps} is less than one batch: the run makes 1 update of {args.batch_size} steps")
     if saved:
-        print(f"resumed from {args.resume} at update {start_update}, global step {global_step}; environments restart")
+        restart = "" if keep_envs else "; environments restart"
+        print(f"resumed from {args.resume} at update {update}, global step {global_step}{restart}")
 
     if args.track and jax.process_index() == 0:  # before the writer: wandb mirrors what the TensorBoard writer logs
         import wandb
@@ -1338,176 +1626,121 @@ if __name__ == "__main__":
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=vars(args),
-            name=os.path.basename(run_dir),
+            name=os.path.basename(run_dirs[0]),
             save_code=True,
         )
-    writer = SummaryWriter(run_dir) if jax.process_index() == 0 else NoWriter()
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    )
+    writers = [SummaryWriter(run_dir) if jax.process_index() == 0 else NoWriter() for run_dir in run_dirs]
+    for seed, writer in zip(seeds, writers):
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(replace(args, seed=seed, num_seeds=1)).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    atexit.register(lambda: [writer.close() for writer in writers])
+    reported = [set() for _ in seeds]  # saturated meta-parameters, each reported once per run
 
-    def shard_batch(thread_shards):
-        """Join the actor threads' unrolls on each learner device into one batch sharded along the envs."""
-
-        def join(name):
-            arrays = [
-                jnp.concatenate([shards[name][i] for shards in thread_shards], axis=1) for i in range(len(learner_devices))
-            ]
-            shape = arrays[0].shape
-            global_shape = (shape[0], shape[1] * len(global_learner_devices)) + shape[2:]
-            return jax.make_array_from_single_device_arrays(global_shape, batch_sharding, arrays)
-
-        return Rollout(**{name: join(name) for name in Rollout._fields})
-
-    def local_params(state):
-        return jax.tree.map(lambda x: x.addressable_shards[0].data, state.params)
-
-    # --- actors: one thread per actor device and thread, each with its rollout and params queues
-    rollout_queues, params_queues, actor_threads, errors = [], [], [], queue.Queue()
-    actor_status = ["starting"] * (len(args.actor_device_ids) * args.num_actor_threads)
-    for d_idx, d_id in enumerate(args.actor_device_ids):
-        for thread_id in range(args.num_actor_threads):
-            rollout_queues.append(queue.Queue(maxsize=1))
-            params_queues.append(queue.Queue(maxsize=1))
-            params_queues[-1].put(jax.device_put(local_params(agent_state), local_devices[d_id]))
-            actor_key, thread_key = jax.random.split(actor_key)
-            actor_threads.append(
-                threading.Thread(
-                    target=actor_thread,
-                    args=(errors,),
-                    kwargs=dict(
-                        key=thread_key,
-                        args=args,
-                        rollout_queue=rollout_queues[-1],
-                        params_queue=params_queues[-1],
-                        writer=writer,
-                        learner_devices=learner_devices,
-                        device_thread_id=d_idx * args.num_actor_threads + thread_id,
-                        actor_device=local_devices[d_id],
-                        start=(start_update, global_step),
-                        returned_episode_returns=returned_episode_returns,
-                        stop=stop,
-                        status=actor_status,
-                    ),
-                    name=f"actor thread {len(actor_threads)}",
-                    daemon=True,
-                )
+    def save_checkpoints():
+        """Every seed's checkpoint: its learner state, on device its environments, its step, keys and last returns."""
+        if jax.process_index() != 0:
+            return
+        host = jax.tree.map(process_part, runs if on_device else learner_state)
+        for i, path in enumerate(checkpoint_paths):
+            state = jax.tree.map(lambda x: x[i], host) if on_device else host
+            state = dict(learner_state=state.learner, run=state._replace(learner={})) if on_device else dict(learner_state=state)
+            save_checkpoint(
+                path,
+                args,
+                **state,
+                update=update,
+                global_step=global_step,
+                actor_key=starts[i]["actor_key"],
+                returns=np.asarray(recent_returns[i], np.float64),
+                group=json.dumps([os.path.basename(run_dir) for run_dir in run_dirs]),
             )
-            actor_threads[-1].start()
 
-    @atexit.register
-    def shut_down():
-        """However the run ends: stop the actor threads, let them close their environments, close TensorBoard."""
-        stop.set()
-        for thread in actor_threads:
-            thread.join(timeout=10)  # a stuck actor is left to end with the process (a daemon thread)
-        writer.close()
-
-    def exchange(thread_id, params=None):
-        """The next rollout of an actor thread, or with `params` give it new parameters; None once the run is asked to
-        stop (an actor that stopped takes no parameters: waiting for it would hang); a failed actor stops the run."""
-        start = time.time()
-        while not stop.is_set():
-            if not errors.empty():
-                thread_name, error = errors.get()
-                raise RuntimeError(f"{thread_name} failed: {type(error).__name__}: {error}") from error
-            try:
-                if params is None:
-                    return rollout_queues[thread_id].get(timeout=1.0)
-                return params_queues[thread_id].put(params, timeout=1.0)
-            except (queue.Empty, queue.Full):
-                if time.time() - start > args.queue_timeout:
-                    status = actor_status[thread_id]
-                    what = "sent no rollout" if params is None else "took no parameters"
-                    raise TimeoutError(f"actor thread {thread_id} {what} for {args.queue_timeout:g} s: it is {status}")
-        return None
-
-    def training_state():
-        return dict(
-            agent_state=agent_state,
-            meta_state=meta_state,
-            update=update,
-            global_step=global_step,
-            actor_key=actor_key,
-            returns=np.asarray(returned_episode_returns, np.float64),
-        )
-
-    # --- learner loop: one update per round of rollouts, the new params to the actors, logs and checkpoints
+    # --- the loop. On device: each call makes --log-frequency updates of every seed (unrolls and learner steps); between
+    # calls the host logs every episode at its own step and the losses, saves the checkpoints and answers signals. With
+    # actor threads: get a batch, update, hand the new policy out, log, save.
     start_time, start_step = time.time(), global_step
-    learner_time = learner_wait_time = 0.0  # since the last log
-    update = last_log = start_update
-    warned = set()  # saturated meta-parameters, each reported once
-    while update < args.num_updates:
-        wait_start = time.time()
-        items = [exchange(thread_id) for thread_id in range(len(rollout_queues))]
-        if stop.is_set():
-            break
-        update += 1
-        global_step = items[0][0]
-        update_start = time.time()
-        agent_state, meta_state, metrics, checks = update_fn(
-            agent_state, meta_state, shard_batch([shards for _, shards in items])
-        )
-        jax.block_until_ready(metrics)
-        learner_wait_time += update_start - wait_start
-        learner_time += time.time() - update_start
-        failed = [name for name, bad in jax.device_get(checks["non_finite"]).items() if bad]
-        if failed:
-            last = checkpoint_path if os.path.exists(checkpoint_path) else "none was written"
-            raise SystemExit(
-                f"non-finite {' and '.join(failed)} at update {update}: stopped; the last finite checkpoint: {last}"
-            )
-        for meta_name, flag in jax.device_get(checks["saturated"]).items():
-            if flag and meta_name not in warned:
-                warned.add(meta_name)
-                message = f"meta-parameter {meta_name} saturated at update {update}: a sigmoid within 1e-6 of 0 or 1"
-                message += ", meta-gradient 0"
-                print(f"warning: {message}")
-                writer.add_text("warnings", message, global_step)
-        if update <= args.num_updates - 2:  # rollout k + 2 acts with these params; later rollouts do not exist
-            new_params = local_params(agent_state)
-            for d_idx, d_id in enumerate(args.actor_device_ids):
-                for thread_id in range(args.num_actor_threads):
-                    exchange(d_idx * args.num_actor_threads + thread_id, jax.device_put(new_params, local_devices[d_id]))
-        if (update - start_update) % args.log_frequency == 0 or update in (start_update + 1, args.num_updates):
+    if on_device:
+        train = {calls: update_fn}
+        run_args = replace(args, chunk_envs=chunk_envs)
+        while update < args.num_updates and not stop.event.is_set():
+            calls = min(args.log_frequency, args.num_updates - update)
+            if calls not in train:  # the run's last call, shorter
+                train[calls] = make_on_device_train(run_args, mesh, batch_step, network, calls)
+            call_start = time.time()
+            runs, (metrics, checks, episodes) = train[calls](runs)
+            metrics, checks, episodes = jax.device_get(metrics), jax.device_get(checks), jax.tree.map(process_part, episodes)
+            call_time = time.time() - call_start
+            stop_if_non_finite(checks, update + 1, checkpoint_paths[0], seeds)
+            step_before, update, global_step = global_step, update + calls, global_step + calls * args.batch_size
             sps = int((global_step - start_step) / (time.time() - start_time))
-            busy = learner_time / (learner_time + learner_wait_time)
-            metrics = jax.device_get(metrics)
+            stats = {"charts/SPS": sps, "stats/update_time": call_time / calls}
+            for i, writer in enumerate(writers):
+                pick = partial(jax.tree.map, lambda x: x[i])
+                log_episodes(writer, pick(episodes), step_before, args.batch_size // args.num_steps, recent_returns[i])
+                report_saturated(pick(checks), update, global_step, writer, reported[i])
+                log_update(writer, args, update, global_step, jax.tree.map(lambda x: x[i, -1], metrics), stats)
+            returns = " ".join(f"{np.mean(r):.2f}" if r else "-" for r in recent_returns)
             print(
-                f"update {update}/{args.num_updates} global_step={global_step} SPS={sps} learner busy {busy:.0%} "
-                f"loss={metrics['loss']:.4f} entropy={metrics['entropy']:.3f}"
+                f"update {update}/{args.num_updates} global_step={global_step} SPS={sps}"
+                + (f" ({sps * len(seeds)} for {len(seeds)} seeds)" if len(seeds) > 1 else "")
+                + f" loss={np.mean(metrics['loss'][:, -1]):.4f} entropy={np.mean(metrics['entropy'][:, -1]):.3f} return={returns}"
             )
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("stats/learner_busy_fraction", busy, global_step)
-            writer.add_scalar("stats/learner_update_time", learner_time / (update - last_log), global_step)
-            writer.add_scalar("stats/rollout_queue_get_time", learner_wait_time / (update - last_log), global_step)
-            learner_time, learner_wait_time, last_log = 0.0, 0.0, update
-            writer.add_scalar("charts/learning_rate", learning_rate(args, update), global_step)
-            for name, value in metrics.pop("meta").items():
-                name = name.rstrip("_")
-                if value.ndim:
-                    for q, entry in enumerate(value[:1] if args.scalar_eta else value):
-                        writer.add_scalar(f"meta/{name}/q{q:02d}", entry, global_step)
-                else:
-                    writer.add_scalar(f"meta/{name}", value, global_step)
-            if "meta_grad_norm" in metrics:
-                writer.add_scalar("meta/grad_norm", metrics.pop("meta_grad_norm"), global_step)
-            for name, value in metrics.items():
-                writer.add_scalar(f"losses/{name}", value, global_step)
-        if args.save_every and update % args.save_every == 0 and jax.process_index() == 0:
-            save_checkpoint(checkpoint_path, args, **training_state())
+            if args.save_every and update // args.save_every > (update - calls) // args.save_every:
+                save_checkpoints()
+    else:
+        actors = Actors(args, learner_state, starts[0]["actor_key"], (update, global_step), writers[0], recent_returns[0], stop.event, mesh, local_devices)
+        atexit.register(actors.close)
+        learner_time = learner_wait_time = 0.0  # since the last log
+        start_update = last_log = update
+        while update < args.num_updates:
+            wait_start = time.time()
+            batch = actors.next_batch()
+            if batch is None:
+                break
+            global_step, rollout = batch
+            update_start = time.time()
+            learner_state, metrics, checks = update_fn(learner_state, rollout)
+            jax.block_until_ready(metrics)
+            update += 1
+            learner_wait_time += update_start - wait_start
+            learner_time += time.time() - update_start
+            stop_if_non_finite(checks, update, checkpoint_paths[0], seeds)
+            report_saturated(checks, update, global_step, writers[0], reported[0])
+            if update <= args.num_updates - 2:  # rollout k + 2 acts with this policy; later rollouts do not exist
+                actors.hand_out(learner_state)
+            if (update - start_update) % args.log_frequency == 0 or update in (start_update + 1, args.num_updates):
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                busy = learner_time / (learner_time + learner_wait_time)
+                metrics = jax.device_get(metrics)
+                stats = {"charts/SPS": sps, "stats/learner_busy_fraction": busy}
+                stats["stats/learner_update_time"] = learner_time / (update - last_log)
+                stats["stats/rollout_queue_get_time"] = learner_wait_time / (update - last_log)
+                log_update(writers[0], args, update, global_step, metrics, stats)
+                print(
+                    f"update {update}/{args.num_updates} global_step={global_step} SPS={sps} learner busy {busy:.0%} "
+                    f"loss={metrics['loss']:.4f} entropy={metrics['entropy']:.3f}"
+                )
+                learner_time, learner_wait_time, last_log = 0.0, 0.0, update
+            if args.save_every and update % args.save_every == 0:
+                save_checkpoints()
+        actors.close()
 
-    # --- shutdown: the last checkpoint, the exit code of a stop signal, the evaluation of --save-model
+    # --- shutdown: the last checkpoints, the exit code of a stop signal, the evaluation of --save-model
+    save_checkpoints()
     if jax.process_index() == 0:
-        save_checkpoint(checkpoint_path, args, **training_state())
-        print(f"checkpoint saved to {checkpoint_path}")
-    print(f"final parameters after update {update}: sha256 {fingerprint(local_params(agent_state))}")
-    if stop_signal:
-        name = signal.Signals(stop_signal[0]).name
-        print(f"stopped by {name} after update {update}; continue with --resume {checkpoint_path}")
-        raise SystemExit(128 + stop_signal[0])
+        print(f"checkpoint saved to {', '.join(checkpoint_paths)}")
+    final = jax.tree.map(process_part, runs.learner if on_device else learner_state)
+    for i, seed in enumerate(seeds):
+        params = jax.tree.map(lambda x: x[i], final["agent"].params) if on_device else final["agent"].params
+        print(f"final parameters after update {update}" + (f" of seed {seed}" if len(seeds) > 1 else "") + f": sha256 {fingerprint(params)}")
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        print(f"stopped by {name} after update {update}; continue with --resume {checkpoint_paths[0]}")
+        raise SystemExit(128 + stop.signum)
     if args.save_model and jax.process_index() == 0:
-        episodic_returns = evaluate(checkpoint_path, args.eval_episodes, seed=args.seed)
-        for idx, episodic_return in enumerate(episodic_returns):
-            writer.add_scalar("eval/episodic_return", episodic_return, idx)
-        print(f"evaluation over {args.eval_episodes} episodes: mean return {np.mean(episodic_returns):.2f}")
+        for path, writer in zip(checkpoint_paths, writers):
+            episodic_returns = evaluate(path, args.eval_episodes, seed=args.seed)
+            for idx, episodic_return in enumerate(episodic_returns):
+                writer.add_scalar("eval/episodic_return", episodic_return, idx)
+            which = f" of {path}" if len(seeds) > 1 else ""
+            print(f"evaluation over {args.eval_episodes} episodes{which}: mean return {np.mean(episodic_returns):.2f}")

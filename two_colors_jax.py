@@ -227,7 +227,21 @@ def envpool_step(
 
     Env i plays global step first_step + i, so a toggle can fall inside a batch, exactly at its step.
     """
-    swapped = is_swapped(first_step + jnp.arange(actions.shape[0], dtype=first_step.dtype), toggle_period)
+    step_numbers = first_step + jnp.arange(actions.shape[0], dtype=first_step.dtype)
+    return envpool_step_at(states, reset_now, actions, step_numbers, toggle_period, step_penalty, max_episode_steps)
+
+
+def envpool_step_at(
+    states: TwoColorsState,
+    reset_now: jax.Array,
+    actions: jax.Array,
+    step_numbers: jax.Array,
+    toggle_period: int = TOGGLE_PERIOD,
+    step_penalty: float = STEP_PENALTY,
+    max_episode_steps: int = MAX_EPISODE_STEPS,
+):
+    """`envpool_step` with each env's global step number given: env i plays global step step_numbers[i] ([B] int)."""
+    swapped = is_swapped(step_numbers, toggle_period)
     step_fn = functools.partial(step_state, step_penalty=step_penalty, max_episode_steps=max_episode_steps)
     return *jax_env_autoreset.envpool_step(step_fn, reset_state, observe, states, reset_now, actions, swapped), swapped
 
@@ -292,6 +306,24 @@ class TwoColorsVecEnv:
         self._key = jax.random.PRNGKey(seed)
         self._reset, self._step = _jitted_batch_functions(toggle_period, step_penalty, max_episode_steps)
         self._state, self._reset_now = None, None
+
+    @property
+    def state(self):
+        """For the on-device loop of the IMPALA-family scripts: (states, reset_now, the global step number each env
+        plays next, modulo two toggle periods), after `reset`; global steps count from 0 there."""
+        step_numbers = jnp.arange(self.num_envs, dtype=jnp.int32) % (2 * self.toggle_period)
+        return self._state, self._reset_now, step_numbers
+
+    def batch_step(self, state, actions: jax.Array):
+        """A step as a pure function of `state`: (state, (obs, reward, terminated, truncated, elapsed)); each of the
+        `num_envs` envs of the batch (those of all learner devices) steps once per call, so its step number goes up
+        by `num_envs`."""
+        states, reset_now, step_numbers = state
+        states, obs, reward, terminated, truncated, _ = envpool_step_at(
+            states, reset_now, actions, step_numbers, self.toggle_period, self.step_penalty, self.max_episode_steps
+        )
+        step_numbers = (step_numbers + self.num_envs) % (2 * self.toggle_period)
+        return (states, terminated | truncated, step_numbers), (obs, reward, terminated, truncated, states.step_count)
 
     def _info(self, reward, elapsed_step, terminated, swapped) -> dict:
         return {

@@ -45,9 +45,9 @@ if __name__ == "__main__":
         flags_text = "".join(f" --{k.replace('_', '-')} {v}" for k, v in flags.items())
         for chunk_envs in args.chunk_envs:
             config = script_args(name, args.env_id, chunk_envs=chunk_envs, **flags)
-            step, states, spec = learner(name, config, observation_space, num_actions, abstract=True)
+            step, state, spec = learner(name, config, observation_space, num_actions, abstract=True)
             start = time.time()
-            memory = step.lower(*states, spec).compile().memory_analysis()
+            memory = step.lower(state, spec).compile().memory_analysis()
             seconds = time.time() - start
             sizes = [memory.temp_size_in_bytes, memory.argument_size_in_bytes, memory.output_size_in_bytes]
             total = sum(sizes) - memory.alias_size_in_bytes

@@ -1,16 +1,14 @@
 """What benchmark/learner_memory.py and benchmark/update_time.py share: each script's learner step on one device.
 
 For qr_impala.py, drmg.py, mg.py and stacx.py: the script's own Args for an environment, its network's parameters and
-train states, and its jitted learner step; with `abstract=True`, shapes only (nothing is allocated or run).
+learner state, and its jitted learner step; with `abstract=True`, shapes only (nothing is allocated or run).
 """
 
 import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -18,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from helpers import IMPALA_FAMILY as MODULES  # noqa: E402  (the one registry of the scripts)
 
-mg, qr_impala, stacx = MODULES["mg"], MODULES["qr_impala"], MODULES["stacx"]
+qr_impala = MODULES["qr_impala"]
 
 
 def environment(env_id: str):
@@ -37,28 +35,18 @@ def script_args(name: str, env_id: str, **overrides):
 
 
 def learner(name: str, args, observation_space, num_actions: int, abstract: bool = False):
-    """(jitted learner step, its train states, the rollout spec of its batch) on the first device."""
+    """(jitted learner step, its learner state, the rollout spec of its batch) on the first device."""
     module = MODULES[name]
     mesh = Mesh(np.array(jax.devices()[:1]), ("learner",))
     obs = np.zeros((1,) + observation_space.shape, observation_space.dtype)
-    if module is mg:
-        network = mg.AgentNetwork(num_actions, args.eta_embedding_size if args.eta_embedding else 0)
-        init = lambda: network.init(jax.random.PRNGKey(0), obs, jnp.array([args.gamma, args.lambda_]))  # noqa: E731
-    else:
-        network = module.AgentNetwork(num_actions, args.num_heads if module is stacx else args.num_quantiles)
-        init = lambda: network.init(jax.random.PRNGKey(0), obs)  # noqa: E731
+    network = module.make_network(num_actions, args)
 
-    def states():
-        agent_state = TrainState.create(apply_fn=network.apply, params=init(), tx=module.make_optimizer(args))
-        if module is qr_impala:
-            return (agent_state,)
-        meta_state = TrainState.create(
-            apply_fn=None, params=module.init_meta_params(args), tx=module.make_meta_optimizer(args)
-        )
-        return agent_state, meta_state
+    def state():
+        params = module.init_params(network, jax.random.PRNGKey(0), obs, args)
+        return module.make_learner_state(network.apply, params, args)
 
     spec = module.rollout_spec(args, observation_space, num_actions, NamedSharding(mesh, P(None, "learner")))
-    return module.make_learner_step(args, mesh), jax.eval_shape(states) if abstract else states(), spec
+    return module.make_learner_step(args, mesh), jax.eval_shape(state) if abstract else state(), spec
 
 
 def random_batch(spec, num_actions: int, seed: int = 0):

@@ -49,10 +49,10 @@ def compiled_update(name: str, chunk_envs: int, args: Args, observation_space, n
     overrides = dict(local_num_envs=args.num_envs, num_actor_threads=1, num_steps=args.num_steps, chunk_envs=chunk_envs)
     if name == "stacx":
         overrides["two_halves"] = args.stacx_two_halves
-    step, states, spec = learner(name, script_args(name, args.env_id, **overrides, **flags), observation_space, num_actions)
+    step, state, spec = learner(name, script_args(name, args.env_id, **overrides, **flags), observation_space, num_actions)
     batch = random_batch(spec, num_actions)
-    jax.block_until_ready(step(*states, batch))  # compile
-    return lambda: jax.block_until_ready(step(*states, batch))
+    jax.block_until_ready(step(state, batch))  # compile
+    return lambda: jax.block_until_ready(step(state, batch))
 
 
 if __name__ == "__main__":

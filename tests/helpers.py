@@ -134,34 +134,34 @@ def make_states(module, args, rollout, num_actions=NUM_ACTIONS, seed=0):
     return agent_state.apply_gradients(grads=grads)
 
 
-def learner_step_on(module, devices, args, *states_and_batch):
-    """`module`'s jitted learner step on `devices`: the train states (the agent's, and the meta-state where the script
-    has one) replicated, the batch (last) sharded along its env axis."""
-    *states, batch = states_and_batch
+def learner_step_on(module, devices, args, learner_state, batch):
+    """`module`'s jitted learner step on `devices`: the learner state replicated, the batch sharded along its env axis."""
     mesh = Mesh(np.array(devices), ("learner",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "learner"))
-    return module.make_learner_step(args, mesh)(*jax.device_put(states, replicated), jax.device_put(batch, sharded))
+    return module.make_learner_step(args, mesh)(jax.device_put(learner_state, replicated), jax.device_put(batch, sharded))
 
 
 def assert_same_step(one, two):
-    """Both train states equal; with SGD at learning rate 1 the meta step is minus the meta-gradient."""
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[1].params, one[1].params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), two[0].params, one[0].params)
-    assert float(one[2]["meta_grad_norm"]) > 1e-6
+    """Both learner states equal; with SGD at learning rate 1 the meta step is minus the meta-gradient."""
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, two[0]["meta"].params, one[0]["meta"].params)
+    jax.tree.map(close, two[0]["agent"].params, one[0]["agent"].params)
+    assert float(one[1]["meta_grad_norm"]) > 1e-6
 
 
 def check_two_devices_give_the_single_device_meta_step(module, args, halves=True):
     """`module`'s learner step with SGD at learning rate 1 on eta, its batch on one device and split over two. With
     `halves`, each device halves its own shard, so on two devices tau1 = envs {0, 2} and tau2 = envs {1, 3}: the pairing
     of inner and outer data matters to the meta-gradient, so the single device gets the same halves. Returns the
-    single-device (agent state, meta state, metrics)."""
+    single-device (learner state, metrics)."""
     rollout = make_small_rollout(module)
     agent_state = make_states(module, args, jax.tree.map(jnp.asarray, rollout))
     meta_state = TrainState.create(apply_fn=None, params=module.init_meta_params(args), tx=optax.sgd(1.0))
     single = jax.tree.map(lambda x: x[:, [0, 2, 1, 3]], rollout) if halves else rollout
-    one = learner_step_on(module, jax.devices()[:1], args, agent_state, meta_state, single)
-    assert_same_step(one, learner_step_on(module, jax.devices()[:2], args, agent_state, meta_state, rollout))
-    return one
+    state = dict(agent=agent_state, meta=meta_state)
+    one = learner_step_on(module, jax.devices()[:1], args, state, single)
+    assert_same_step(one, learner_step_on(module, jax.devices()[:2], args, state, rollout))
+    return one[:2]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

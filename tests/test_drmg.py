@@ -72,8 +72,9 @@ def test_meta_learn_none_step_equals_qr_impala_step():
     meta_state = TrainState.create(
         apply_fn=None, params=drmg.init_meta_params(drmg_args), tx=drmg.make_meta_optimizer(drmg_args)
     )
-    drmg_state, new_meta_state, _, _ = drmg.learner_step(agent_state, meta_state, rollout, drmg_args, axis_name=None)
-    qr_state, _, _ = qr_impala.learner_step(agent_state, qr_impala.Rollout(*rollout), qr_args, axis_name=None)
+    new_state, _, _ = drmg.learner_step(dict(agent=agent_state, meta=meta_state), rollout, drmg_args, axis_name=None)
+    drmg_state, new_meta_state = new_state["agent"], new_state["meta"]
+    qr_state = qr_impala.learner_step(dict(agent=agent_state), qr_impala.Rollout(*rollout), qr_args, axis_name=None)[0]["agent"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), drmg_state.params, qr_state.params)
     jax.tree.map(np.testing.assert_array_equal, new_meta_state.params, meta_state.params)
     assert optax.global_norm(jax.tree.map(jnp.subtract, qr_state.params, agent_state.params)) > 1e-4

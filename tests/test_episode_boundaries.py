@@ -5,7 +5,7 @@
   reset step is dropped; a truncated piece ends with its final observation, from which the unroll bootstraps; a
   terminated piece keeps its termination flag, the one flag the oracle shares with the scripts). Deliberately broken
   copies of the scripts (reset steps counted as transitions, truncations ignored) must fail it.
-- The actors' bookkeeping with a scripted environment: resets, terminations, truncations, rewards, observations and
+- The actor threads' bookkeeping with a scripted environment: resets, terminations, truncations, rewards, observations and
   every episode's return and length, logged by every actor thread at the episode's own global step, by hand.
 - mix_metagrad.py's Snake rollouts against EnvPool's rule and its episode bookkeeping, one game at a time in plain Python.
 """
@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import mg
 import mix_metagrad
 import snake_jax
 from helpers import IMPALA_FAMILY as MODULES
@@ -76,12 +75,12 @@ def loss_functions(name, module):
     overrides = dict(num_quantiles=4) if name in ("qr_impala", "drmg") else {}
     args = script_args(name, "CartPole-v1", local_num_envs=B, num_actor_threads=1, num_steps=T, **overrides)
     space = SimpleNamespace(shape=(OBS_DIM,), dtype=np.dtype(np.float32))
-    _, states, _ = learner(name, args, space, NUM_ACTIONS)
-    state = states[0]
+    _, learner_state, _ = learner(name, args, space, NUM_ACTIONS)
+    state = learner_state["agent"]
     if name == "qr_impala":
         return {"loss": lambda r: module.impala_loss(state.params, state.apply_fn, r, module.hyperparameters(args), args)[0]}
     rng = np.random.default_rng(1)
-    logits = jax.tree.map(lambda x: x + rng.normal(scale=0.5, size=np.shape(x)).astype(np.float32), states[1].params)
+    logits = jax.tree.map(lambda x: x + rng.normal(scale=0.5, size=np.shape(x)).astype(np.float32), learner_state["meta"].params)
     etas = {"inner": module.hyperparameters(logits, args), "outer": module.reference_hyperparameters(args)}
     heads = {"inner": args.num_heads, "outer": 1} if name == "stacx" else {}  # stacx's outer loss: the main head
     extra = {what: [0] if name == "drmg" else [heads[what]] if name == "stacx" else [] for what in etas}
@@ -180,25 +179,6 @@ class ScriptedVecEnv:
         return self.observe(), reward, terminated, truncated, {"elapsed_step": self.moves.copy()}
 
 
-class ScriptedJaxVecEnv(ScriptedVecEnv):
-    """The same two envs as a JAX environment: the actor steps them on device, a whole unroll in one call
-    (`batch_step` and `state`, as minatar_jax's and snake_jax's vector envs have)."""
-
-    @property
-    def state(self):
-        return jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), jnp.zeros(2, bool)
-
-    def batch_step(self, state, actions):
-        moves, episodes, reset_now = state
-        moves = jnp.where(reset_now, 0, moves + 1)
-        episodes = jnp.where(reset_now, episodes + 1, episodes)
-        ended = ~reset_now & (moves == jnp.array([3, 4]))
-        terminated, truncated = ended & (jnp.arange(2) == 0), ended & (jnp.arange(2) == 1)
-        obs = jnp.stack([jnp.arange(2), moves, episodes, jnp.zeros(2, jnp.int32)], axis=1).astype(jnp.float32)
-        reward = jnp.where(reset_now, 0, moves).astype(jnp.float32)
-        return (moves, episodes, terminated | truncated), (obs, reward, terminated, truncated, moves)
-
-
 class Recorder:
     def __init__(self):
         self.scalars = {}
@@ -209,12 +189,10 @@ class Recorder:
 
 @pytest.mark.parametrize("name", MODULES)
 @pytest.mark.parametrize("thread", [0, 1])
-@pytest.mark.parametrize("vec_env", [ScriptedVecEnv, ScriptedJaxVecEnv], ids=["step_by_step", "unrolled_on_device"])
-def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thread, vec_env, monkeypatch):
-    """Actor thread `thread` of two: what it records, and every episode it ends logged at that episode's global step;
-    the same whether the actor steps its envs one call at a time or unrolls a JAX environment on device."""
+def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thread, monkeypatch):
+    """Actor thread `thread` of two: what it records, and every episode it ends logged at that episode's global step."""
     module = MODULES[name]
-    monkeypatch.setitem(sys.modules, "scripted_jax", SimpleNamespace(make_vec_env=vec_env))
+    monkeypatch.setitem(sys.modules, "scripted_jax", SimpleNamespace(make_vec_env=ScriptedVecEnv))
     args = module.Args(env_id="scripted_jax", local_num_envs=2, num_actor_threads=2, num_steps=6)
     args.num_updates, args.world_size = 2, 1
     space = SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32))
@@ -321,90 +299,15 @@ def test_mix_metagrad_snake_rollouts_follow_envpools_rule(broken, monkeypatch):
 
 
 def run_actor(module, args, observation_space, num_actions, thread, key):
-    """Run actor thread `thread` of `module` to its last update (args.num_updates) with the network's initial params:
+    """Run actor thread `thread` of `module` to its last update (args.num_updates) with the network's initial policy:
     (its rollout queue, what it logged, the episode returns it kept)."""
-    _, states, _ = learner(module.__name__, args, observation_space, num_actions)
-    params = states[0].params
-    if module is mg:
-        params = (params, mg.conditioning(mg.hyperparameters(states[1].params, args)))
-    rollout_queue, params_queue, writer, returns = queue.Queue(), queue.Queue(), Recorder(), deque(maxlen=100)
-    for _ in range(args.num_updates - 1):  # every update but the second takes parameters (Cleanba's rule)
-        params_queue.put(params)
+    _, learner_state, _ = learner(module.__name__, args, observation_space, num_actions)
+    inputs = module.policy_inputs(learner_state, args)
+    rollout_queue, policy_queue, writer, returns = queue.Queue(), queue.Queue(), Recorder(), deque(maxlen=100)
+    for _ in range(args.num_updates - 1):  # every update but the second takes a policy (Cleanba's rule)
+        policy_queue.put(inputs)
     device = jax.devices()[0]
-    status = ["starting"] * args.num_actor_threads
-    module.rollout(key, args, rollout_queue, params_queue, writer, [device], thread, device, (0, 0), returns,
-                   threading.Event(), status)  # fmt: skip
+    doing = ["starting"] * args.num_actor_threads
+    module.actor_loop(key, args, rollout_queue, policy_queue, writer, [device], thread, device, (0, 0), returns,
+                      threading.Event(), doing)  # fmt: skip
     return rollout_queue, writer, returns
-
-
-class StepByStep:
-    """A JAX vector env without its device step (`batch_step`, `state`): the actor calls it one step at a time."""
-
-    def __init__(self, envs):
-        self.envs = envs
-
-    def __getattr__(self, name):
-        if name in ("batch_step", "state"):
-            raise AttributeError(name)
-        return getattr(self.envs, name)
-
-
-def actor_record(module, env_id, make_env):
-    """What one actor thread of `module` puts on its queue and logs over 3 unrolls of 16 steps of 4 envs of `env_id`."""
-    args = module.Args(env_id=env_id, local_num_envs=4, num_actor_threads=1, num_steps=16)
-    args.num_updates, args.world_size = 3, 1
-    probe = module.make_env(env_id, 0, 1, args)
-    original = module.make_env
-    module.make_env = make_env(original)
-    try:
-        rollout_queue, writer, _ = run_actor(
-            module, args, probe.observation_space, probe.action_space.n, 0, jax.random.PRNGKey(3)
-        )
-    finally:
-        module.make_env = original
-    items = [rollout_queue.get() for _ in range(3)]
-    return [(step, {k: np.asarray(v[0]) for k, v in shards.items()}) for step, shards in items], writer.scalars
-
-
-def assert_same_record(a, b):
-    (items_a, scalars_a), (items_b, scalars_b) = a, b
-    for (step_a, shards_a), (step_b, shards_b) in zip(items_a, items_b, strict=True):
-        assert step_a == step_b
-        for key in shards_a:
-            if key == "behaviour_logits":  # the same network, compiled alone or inside the scan
-                np.testing.assert_allclose(shards_a[key], shards_b[key], rtol=1e-5, atol=1e-6, err_msg=key)
-            else:
-                np.testing.assert_array_equal(shards_a[key], shards_b[key], err_msg=key)
-    for tag in ("charts/episodic_return", "charts/episodic_length"):
-        assert scalars_a.get(tag) == scalars_b.get(tag), tag
-    assert scalars_a.get("charts/episodic_return"), "some episodes must end in 48 steps"
-
-
-@pytest.mark.parametrize("name,env_id", [("drmg", "Breakout-MinAtar"), ("mg", "snake_jax")])
-def test_a_jax_environment_unrolled_on_device_is_the_step_by_step_actor(name, env_id):
-    """The actor's device unroll (policy and environment in one lax.scan) records and logs what its step-by-step loop
-    does with the same keys: observations, actions, rewards, episode ends, resets and every episode's return."""
-    module = MODULES[name]
-    on_device = actor_record(module, env_id, lambda make_env: make_env)
-    step_by_step = actor_record(module, env_id, lambda make_env: lambda *a: StepByStep(make_env(*a)))
-    assert_same_record(on_device, step_by_step)
-
-
-def test_the_unroll_comparison_catches_a_device_unroll_that_reuses_its_key(monkeypatch):
-    module = MODULES["drmg"]
-    make_device_unroll = module.make_device_unroll
-
-    def broken(envs, get_action, num_steps):
-        unroll = make_device_unroll(envs, get_action, num_steps)
-
-        def same_key(policy_inputs, state, obs, key):
-            state, _, steps = unroll(policy_inputs, state, obs, key)
-            return state, key, steps  # the next unroll draws its actions with the same keys
-
-        return same_key
-
-    monkeypatch.setattr(module, "make_device_unroll", broken)
-    on_device = actor_record(module, "Breakout-MinAtar", lambda make_env: make_env)
-    step_by_step = actor_record(module, "Breakout-MinAtar", lambda make_env: lambda *a: StepByStep(make_env(*a)))
-    with pytest.raises(AssertionError):
-        assert_same_record(on_device, step_by_step)

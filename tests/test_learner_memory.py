@@ -26,21 +26,21 @@ def test_chunked_update_equals_the_whole_batch_update(name):
     space = SPACES.get(name, SimpleNamespace(shape=(5,), dtype=np.dtype(np.float32)))
     for chunk_envs in [0, 2]:
         args = script_args(name, "Breakout-v5", local_num_envs=8, num_actor_threads=1, num_steps=3, chunk_envs=chunk_envs)
-        step, states, spec = learner(name, args, space, 4)
-        if len(states) == 2:
-            states = (states[0], TrainState.create(apply_fn=None, params=states[1].params, tx=optax.sgd(1.0)))
+        step, state, spec = learner(name, args, space, 4)
+        if "meta" in state:
+            state = dict(state, meta=TrainState.create(apply_fn=None, params=state["meta"].params, tx=optax.sgd(1.0)))
         batch = random_batch(spec, 4, seed=1)._replace(terminations=np.eye(3, 8, k=2, dtype=np.float32))
-        outputs.append(jax.device_get(step(*states, batch)))
-        changed = optax.global_norm(jax.tree.map(jnp.subtract, outputs[-1][0].params, states[0].params))
+        outputs.append(jax.device_get(step(state, batch)))
+        changed = optax.global_norm(jax.tree.map(jnp.subtract, outputs[-1][0]["agent"].params, state["agent"].params))
         assert changed > 1e-6, "the update must move the parameters"
-    whole, chunked = outputs
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), whole[0].params, chunked[0].params)
-    metrics = len(states)  # the step returns (*states, metrics, checks)
-    if len(states) == 2:
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7), whole[1].params, chunked[1].params)
-        assert whole[metrics]["meta_grad_norm"] > 1e-6
+    whole, chunked = outputs  # each (learner state, metrics, checks)
+    close = lambda rtol: lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-7)  # noqa: E731
+    jax.tree.map(close(1e-4), whole[0]["agent"].params, chunked[0]["agent"].params)
+    if "meta" in state:
+        jax.tree.map(close(1e-3), whole[0]["meta"].params, chunked[0]["meta"].params)
+        assert whole[1]["meta_grad_norm"] > 1e-6
     for key in ["loss", "entropy", "grad_norm"]:
-        np.testing.assert_allclose(whole[metrics][key], chunked[metrics][key], rtol=1e-4, err_msg=key)
+        np.testing.assert_allclose(whole[1][key], chunked[1][key], rtol=1e-4, err_msg=key)
     assert not any(whole[-1]["non_finite"].values()) and not any(chunked[-1]["non_finite"].values())
 
 
@@ -172,8 +172,8 @@ def test_the_automatic_chunk_is_the_largest_that_fits(name, platform, chunk_envs
         with pytest.raises(SystemExit, match=r"^the learner step needs [\d.]+ MiB per learner device \(fake\) and there"):
             module.compile_learner_step(compile_at, args, [device])
         return
-    compiled, line = module.compile_learner_step(compile_at, args, [device])
-    assert tried == chosen and compiled.chunk_envs == chosen[-1]
+    compiled, chunk, line = module.compile_learner_step(compile_at, args, [device])
+    assert tried == chosen and compiled.chunk_envs == chosen[-1] == chunk
     how = "given" if chunk_envs is not None else "CPU" if platform == "cpu" else "largest to fit"
     assert line.endswith(f"of {budget_mib / 1024:.1f} GiB, --chunk-envs {chosen[-1]} ({how})") or line.endswith(
         f"of {float(budget_mib):.1f} MiB, --chunk-envs {chosen[-1]} ({how})"

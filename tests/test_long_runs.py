@@ -41,15 +41,14 @@ def checkpoint_of(run_dir, script):
 
 @pytest.mark.parametrize("name", IMPALA_FAMILY)
 def test_checkpoint_round_trip_restores_every_state(tmp_path, name):
-    """Train states (parameters, optimiser states, step counts), meta-states, update, step, key and returns come back
-    exactly, into the structures the script builds."""
+    """The learner state (train states: parameters, optimiser states, step counts; the meta-state), update, step, key
+    and returns come back exactly, into the structures the script builds."""
     module = IMPALA_FAMILY[name]
     args = script_args(name, "CartPole-v1", local_num_envs=4, num_actor_threads=1, num_steps=8)
-    _, states, _ = learner(name, args, SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32)), 2)
+    _, state, _ = learner(name, args, SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32)), 2)
     rng = np.random.default_rng(0)
     perturb = lambda x: np.asarray(x) + (rng.normal(size=np.shape(x)) if np.asarray(x).dtype.kind == "f" else 7)  # noqa: E731
-    states = jax.tree.map(lambda x: perturb(x).astype(np.asarray(x).dtype), states)
-    saved = dict(zip(["agent_state", "meta_state"], states))
+    saved = dict(learner_state=jax.tree.map(lambda x: perturb(x).astype(np.asarray(x).dtype), state))
     path = str(tmp_path / "model.flax_model")
     key, returns = jax.random.PRNGKey(3), np.array([1.0, 2.5])
     module.save_checkpoint(path, args, update=12, global_step=384, actor_key=key, returns=returns, **saved)
@@ -99,14 +98,15 @@ def test_resume_continues_the_run_in_its_directory_from_its_update_and_step(tmp_
     assert only_run_dir(tmp_path) == run_dir and len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 2
     after_second = checkpoint_of(run_dir, script)(path)
     assert int(after_second["update"]) == 8 and int(after_second["global_step"]) == 512
-    assert int(after_second["agent_state"]["step"]) == 8  # the optimiser's count (and schedule) went on from 4
+    assert int(after_second["learner_state"]["agent"]["step"]) == 8  # the optimiser's count (and schedule) went on from 4
     moved = jax.tree.map(
-        lambda a, b: np.abs(a - b).max(), after_first["agent_state"]["params"], after_second["agent_state"]["params"]
+        lambda a, b: np.abs(a - b).max(), after_first["learner_state"]["agent"]["params"], after_second["learner_state"]["agent"]["params"]
     )
     assert max(jax.tree.leaves(moved)) > 0
     if script == "drmg":
-        assert int(after_second["meta_state"]["step"]) == 8
-        assert np.abs(after_first["meta_state"]["params"]["gamma"] - after_second["meta_state"]["params"]["gamma"]).max() > 0
+        meta_first, meta_second = after_first["learner_state"]["meta"], after_second["learner_state"]["meta"]
+        assert int(meta_second["step"]) == 8
+        assert np.abs(meta_first["params"]["gamma"] - meta_second["params"]["gamma"]).max() > 0
     steps = scalars(run_dir)["charts/SPS"]
     assert len(steps) >= 6  # updates 2, 4 of the first part and 5, 6, 8 of the second, all in one run directory
 
@@ -181,7 +181,7 @@ def test_divergence_stops_at_its_update_and_keeps_the_last_finite_checkpoint(tmp
     assert line.startswith("non-finite") and "parameters" in line and "at update 2: stopped" in line, line
     saved = qr_impala.load_checkpoint(os.path.join(only_run_dir(tmp_path), "qr_impala.flax_model"))
     assert int(saved["update"]) == 1
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["agent_state"]))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["learner_state"]))
     assert "Traceback" not in result.stderr
 
 
@@ -255,7 +255,7 @@ def test_an_actor_that_fails_or_hangs_stops_the_run_with_one_line_of_cause_first
     timeout = ["--queue-timeout", "4"] if failure == "hangs" else []
     (tmp_path / "crash_jax.py").write_text(
         "import time\n\nimport snake_jax\n\n"
-        "class Crashing:  # stepped one call at a time: no batch_step, so the actor does not unroll it on device\n"
+        "class Crashing:  # no pure batch_step: it trains with actor threads, stepped one call at a time\n"
         "    calls = 0\n\n"
         "    def __init__(self, num_envs, seed):\n"
         "        self.envs = snake_jax.SnakeVecEnv(num_envs=num_envs, seed=seed)\n\n"
@@ -471,7 +471,8 @@ def test_a_half_batch_of_reset_steps_alone_gives_a_finite_meta_step(name, monkey
     def meta_step_checks():
         agent_state = make_states(module, args, rollout)
         meta_state = TrainState.create(apply_fn=None, params=module.init_meta_params(args), tx=module.make_meta_optimizer(args))
-        return jax.device_get(module.learner_step(agent_state, meta_state, rollout, args, axis_name=None)[3]["non_finite"])
+        state = dict(agent=agent_state, meta=meta_state)
+        return jax.device_get(module.learner_step(state, rollout, args, axis_name=None)[2]["non_finite"])
 
     assert not any(meta_step_checks().values())
     monkeypatch.setattr(module, "clip_by_global_norm", optax.clip_by_global_norm)  # the clip it had: the check can fail
@@ -503,7 +504,7 @@ def test_a_checkpoint_of_another_format_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(drmg, "CHECKPOINT_FORMAT", 0)
     drmg.save_checkpoint(path, drmg.Args(), update=1)
     monkeypatch.undo()
-    with pytest.raises(drmg.ForeignCheckpoint, match="format 0, this drmg.py reads format 1"):
+    with pytest.raises(drmg.ForeignCheckpoint, match=f"format 0, this drmg.py reads format {drmg.CHECKPOINT_FORMAT}"):
         drmg.load_checkpoint(path)
 
 

@@ -178,8 +178,9 @@ def test_meta_learn_none_is_one_impala_step_on_the_whole_batch():
     rollout = jax.tree.map(jnp.asarray, make_small_rollout(mg))
     agent_state = make_states(mg, args, rollout)
     meta_state = TrainState.create(apply_fn=None, params=mg.init_meta_params(args), tx=mg.make_meta_optimizer(args))
-    step = jax.jit(lambda a, m, r: mg.learner_step(a, m, r, args, axis_name=None))
-    new_state, new_meta_state, metrics, checks = step(agent_state, meta_state, rollout)
+    step = jax.jit(lambda a, m, r: mg.learner_step(dict(agent=a, meta=m), r, args, axis_name=None))
+    new_states, metrics, checks = step(agent_state, meta_state, rollout)
+    new_state, new_meta_state = new_states["agent"], new_states["meta"]
     eta = mg.hyperparameters(meta_state.params, args)
     grads = jax.grad(lambda p: mg.impala_loss(p, agent_state.apply_fn, rollout, eta, args)[0])(agent_state.params)
     expected = agent_state.apply_gradients(grads=grads)
@@ -201,8 +202,8 @@ def test_learns_cartpole_gamma_and_lambda_move_and_the_saved_model_evaluates(tmp
     for tag in ["meta/gamma", "meta/lambda"]:
         assert np.all(np.isfinite(logged[tag])) and np.all((0 < np.array(logged[tag])) & (np.array(logged[tag]) < 1)), tag
         assert abs(logged[tag][-1] - 0.99) > 1e-5, tag
-    args, params, eta = mg.load_model(os.path.join(run_dir, "mg.flax_model"))
-    np.testing.assert_allclose(eta, [logged["meta/gamma"][-1], logged["meta/lambda"][-1]], rtol=1e-5)
+    args, _, inputs = mg.load_model(os.path.join(run_dir, "mg.flax_model"))
+    np.testing.assert_allclose(inputs["eta"], [logged["meta/gamma"][-1], logged["meta/lambda"][-1]], rtol=1e-5)
     assert len(logged["eval/episodic_return"]) == 3
 
 

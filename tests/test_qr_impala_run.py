@@ -89,8 +89,8 @@ def test_two_device_gradient_equals_single_device_gradient():
     state = TrainState.create(apply_fn=network.apply, params=params, tx=optax.sgd(1.0))
 
     def gradient_on(devices):
-        new_state, metrics, _ = learner_step_on(qr_impala, devices, args, state, rollout)
-        return jax.tree.map(lambda new, old: np.asarray(old) - np.asarray(new), new_state.params, params), metrics
+        new_state, metrics, _ = learner_step_on(qr_impala, devices, args, dict(agent=state), rollout)
+        return jax.tree.map(lambda new, old: np.asarray(old) - np.asarray(new), new_state["agent"].params, params), metrics
 
     one_device, metrics_one = gradient_on(jax.devices()[:1])
     two_devices, metrics_two = gradient_on(jax.devices()[:2])

@@ -165,12 +165,12 @@ def test_auxiliary_heads_never_choose_actions(tmp_path):
     bias[2:] = [5.0, -5.0, -5.0, 5.0]  # heads 1 and 2 strongly prefer actions 0 and 1
     params = {"params": dict(params["params"], Dense_0={"kernel": kernel, "bias": jnp.asarray(bias)})}
     rollout_queue, params_queue = queue.Queue(), queue.Queue()
-    params_queue.put(params)
+    params_queue.put(dict(params=params))  # the policy's inputs (stacx.policy_inputs)
     device = jax.devices()[0]
     writer = stacx.SummaryWriter(str(tmp_path))
-    stop, status, returns = threading.Event(), ["starting"], deque(maxlen=100)
-    stacx.rollout(
-        jax.random.PRNGKey(1), args, rollout_queue, params_queue, writer, [device], 0, device, (0, 0), returns, stop, status
+    stop, doing, returns = threading.Event(), ["starting"], deque(maxlen=100)
+    stacx.actor_loop(
+        jax.random.PRNGKey(1), args, rollout_queue, params_queue, writer, [device], 0, device, (0, 0), returns, stop, doing
     )
     writer.close()
     _, shards = rollout_queue.get()
@@ -200,8 +200,9 @@ def test_meta_learn_none_is_one_step_on_the_whole_batch():
     rollout = jax.tree.map(jnp.asarray, make_small_rollout(stacx))
     agent_state = make_states(stacx, args, rollout)
     meta_state = TrainState.create(apply_fn=None, params=stacx.init_meta_params(args), tx=stacx.make_meta_optimizer(args))
-    step = jax.jit(lambda a, m, r: stacx.learner_step(a, m, r, args, axis_name=None))
-    new_state, new_meta_state, metrics, checks = step(agent_state, meta_state, rollout)
+    step = jax.jit(lambda a, m, r: stacx.learner_step(dict(agent=a, meta=m), r, args, axis_name=None))
+    new_states, metrics, checks = step(agent_state, meta_state, rollout)
+    new_state, new_meta_state = new_states["agent"], new_states["meta"]
     eta = stacx.hyperparameters(meta_state.params, args)
     loss = lambda p: stacx.impala_loss(p, agent_state.apply_fn, rollout, eta, args, NUM_HEADS)[0]  # noqa: E731
     expected = agent_state.apply_gradients(grads=jax.grad(loss)(agent_state.params))
