@@ -748,10 +748,15 @@ def make_on_device_train(args: Args, mesh: Mesh, batch_step, network: nn.Module,
     RunState's leading axis), the envs split over the learner devices and the gradients averaged over them.
     runs -> (runs, (metrics [S, K], checks [S, K], episode ends [S, K, T, B]))."""
 
-    def train(runs):
-        update = partial(on_device_update, batch_step=batch_step, network=network, args=args, axis_name="learner")
-        return jax.vmap(lambda run: jax.lax.scan(lambda run, _: update(run), run, length=num_updates))(runs)
+    def train(runs, axis_name="learner"):
+        update = partial(on_device_update, batch_step=batch_step, network=network, args=args, axis_name=axis_name)
+        scan = partial(jax.lax.scan, lambda run, _: update(run), length=num_updates)
+        if jax.tree.leaves(runs)[0].shape[0] == 1:  # one seed: not vmapped (XLA:CPU runs a vmapped network slower)
+            return jax.tree.map(lambda x: x[None], scan(jax.tree.map(lambda x: x[0], runs)))
+        return jax.vmap(scan)(runs)
 
+    if mesh.size == 1:  # no collective to make: without shard_map, about 7% faster on a 2-core CPU
+        return jax.jit(partial(train, axis_name=None))
     out_specs = (RUN_SPECS, (P(), P(), P(None, None, None, "learner")))
     return jax.jit(jax.shard_map(train, mesh=mesh, in_specs=(RUN_SPECS,), out_specs=out_specs, check_vma=False))
 
@@ -1575,15 +1580,25 @@ if __name__ == "__main__":
     if on_device:
         train = {calls: update_fn}
         run_args = replace(args, chunk_envs=chunk_envs)
-        while update < args.num_updates and not stop.event.is_set():
-            calls = min(args.log_frequency, args.num_updates - update)
+
+        def start_call(runs, done: int):
+            """Start the next call after `done` updates (JAX returns at once): (its updates, its outputs), None at the end."""
+            if done >= args.num_updates or stop.event.is_set():
+                return None
+            calls = min(args.log_frequency, args.num_updates - done)
             if calls not in train:  # the run's last call, shorter
                 train[calls] = make_on_device_train(run_args, mesh, batch_step, network, calls)
-            call_start = time.time()
-            runs, (metrics, checks, episodes) = train[calls](runs)
+            return calls, train[calls](runs)
+
+        in_flight, call_start = start_call(runs, update), time.time()
+        while in_flight is not None:
+            calls, (next_runs, (metrics, checks, episodes)) = in_flight
+            # The device goes on with the next call while the host reads, checks and logs this one.
+            in_flight = start_call(next_runs, update + calls)
             metrics, checks, episodes = jax.device_get(metrics), jax.device_get(checks), jax.tree.map(process_part, episodes)
-            call_time = time.time() - call_start
+            call_time, call_start = time.time() - call_start, time.time()
             stop_if_non_finite(checks, update + 1, checkpoint_paths[0], seeds)
+            runs = next_runs  # checked: what a checkpoint may hold
             step_before, update, global_step = global_step, update + calls, global_step + calls * args.batch_size
             sps = int((global_step - start_step) / (time.time() - start_time))
             stats = {"charts/SPS": sps, "stats/update_time": call_time / calls}
