@@ -201,6 +201,7 @@ ENV_DEFAULTS = {
         num_steps=20,
         learning_rate=2e-3,
         rmsprop_eps=1e-5,
+        ent_coef=0.05,
     ),
 }
 
@@ -1421,7 +1422,7 @@ def fingerprint(tree) -> str:
     return digest.hexdigest()[:16]
 
 
-def report(kind, error, traceback):
+def print_cause_first(kind, error, traceback):
     """One line of cause first, then the traceback."""
     print(f"{os.path.basename(sys.argv[0])}: {kind.__name__}: {error}", file=sys.stderr, flush=True)
     sys.__excepthook__(kind, error, traceback)
@@ -1542,7 +1543,7 @@ def evaluate(model_path: str, eval_episodes: int, seed: int = 0):
 
 if __name__ == "__main__":
     # --- setup: flags, signals, devices, each seed's start, the compiled update, the run directories and writers
-    sys.excepthook = report
+    sys.excepthook = print_cause_first
     args = tyro.cli(Args, default=default_args(sys.argv[1:]))
     args, saved = resume_args(args, given_flags(sys.argv[1:])) if args.resume else (args, [])
     check_args(args)
