@@ -752,7 +752,7 @@ def fingerprint(tree) -> str:
     return digest.hexdigest()[:16]
 
 
-def report(kind, error, traceback):
+def print_cause_first(kind, error, traceback):
     """One line of cause first, then the traceback."""
     print(f"{os.path.basename(sys.argv[0])}: {kind.__name__}: {error}", file=sys.stderr, flush=True)
     sys.__excepthook__(kind, error, traceback)
@@ -764,7 +764,7 @@ def report(kind, error, traceback):
 
 
 if __name__ == "__main__":
-    sys.excepthook = report
+    sys.excepthook = print_cause_first
     args = tyro.cli(Args)
     args, saved = resume_args(args, given_flags(sys.argv[1:])) if args.resume else (args, None)
     check_args(args)

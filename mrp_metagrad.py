@@ -214,7 +214,7 @@ def plot_gammas(trajectories: dict, path: str) -> bool:
     return True
 
 
-def report(kind, error, traceback):
+def print_cause_first(kind, error, traceback):
     """One line of cause first, then the traceback."""
     print(f"{os.path.basename(sys.argv[0])}: {kind.__name__}: {error}", file=sys.stderr, flush=True)
     sys.__excepthook__(kind, error, traceback)
@@ -300,7 +300,7 @@ def check_args(args: Args):
 
 
 if __name__ == "__main__":
-    sys.excepthook = report
+    sys.excepthook = print_cause_first
     args = tyro.cli(Args)
     check_args(args)
     stop_signal = []  # SIGINT, SIGTERM: finish the current n (one jitted run), write what is done, exit 128 + signum

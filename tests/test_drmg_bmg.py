@@ -193,6 +193,7 @@ def test_two_device_bmg_meta_step_equals_single_device_meta_step():
         (["--bmg-value-coef", "-0.5"], "--bmg-value-coef >= 0"),
         (["--bmg-value-coef", "1"], "need meta-learning"),
         (["--bmg-steps", "1", "--meta-learn", "none"], "need meta-learning"),
+        (["--bmg-steps", str(10**9)], "--bmg-steps 1000000000: at most 64"),  # 10^9 traced steps never compiled
     ],
 )
 def test_bad_bmg_flags_stop_with_one_line(flags, message):

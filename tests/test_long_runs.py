@@ -313,6 +313,12 @@ BAD_FLAGS = [
     (["--num-quantiles", "1000000000"], "the network's parameters need 2872.2 GiB (3 copies) and a learner device (cpu) has"),
     (["--env-id", "os.x_jax"], "a JAX environment is a module name, without dots"),
     (["--env-id", "evil.x_jax"], "a JAX environment is a module name, without dots"),
+    (["--seed", str(2**64)], f"--seed {2**64}: the run's seeds (--seed + its seeds, processes and actor threads) must lie"),
+    (["--seed", "-1"], "--seed -1: the run's seeds"),
+    (["--total-timesteps", str(10**15)], f"--total-timesteps {10**15}: more than 2^31 - 1 updates of 64 steps"),
+    (["--num-seeds", "0"], "--num-seeds 0: at least 1"),
+    (["--num-seeds", "2"], "--num-seeds 2: at least 1, and more than 1 only for a JAX environment"),
+    (["--env-id", "Breakout-MinAtar", "--num-seeds", "2", "--track"], "--track follows one run in Weights & Biases"),
 ]
 
 

@@ -42,7 +42,8 @@ def test_smoke_run_logs_saves_loads_and_evaluates(tmp_path, flags):
         assert tag in logged and np.all(np.isfinite(logged[tag])), tag
     if "CartPole-v1" in flags:
         assert "charts/episodic_return" in logged
-    saved_args, params = load_model(os.path.join(run_dir, "qr_impala.flax_model"))
+    saved_args, _, inputs = load_model(os.path.join(run_dir, "qr_impala.flax_model"))
+    assert set(inputs) == {"params"} and jax.tree.leaves(inputs["params"])
     assert saved_args.env_id == flags[1] and saved_args.num_updates >= 2
     assert not glob.glob(os.path.join(run_dir, "*.tmp"))
     returns = evaluate(os.path.join(run_dir, "qr_impala.flax_model"), eval_episodes=2, seed=3)
@@ -56,7 +57,7 @@ def test_same_seed_gives_the_same_params_whatever_the_thread_timing(tmp_path):
         os.makedirs(tmp_path / name)
         result = run_script(tmp_path / name, *flags, "--save-model", "--eval-episodes", "1")
         assert result.returncode == 0, result.stderr[-3000:]
-        saved.append(load_model(os.path.join(only_run_dir(tmp_path / name), "qr_impala.flax_model"))[1])
+        saved.append(load_model(os.path.join(only_run_dir(tmp_path / name), "qr_impala.flax_model"))[2]["params"])
     jax.tree.map(np.testing.assert_array_equal, *saved)
 
 

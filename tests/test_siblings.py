@@ -180,7 +180,7 @@ def test_mix_and_mrp_copy_the_family_plumbing_verbatim():
     sources = read_toys()
     assert toy_differences(sources) == []
     mrp = {name for name, _ in definitions(sources["mrp_metagrad.py"])}
-    assert {"available_memory", "make_run_dir", "report", "check_fits"} <= mrp  # shared with qr_impala or mix_metagrad
+    assert {"available_memory", "make_run_dir", "print_cause_first", "check_fits"} <= mrp  # shared with qr_impala or mix_metagrad
 
 
 @pytest.mark.parametrize(
