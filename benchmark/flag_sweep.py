@@ -111,21 +111,27 @@ def precheck(script: str, flags: list[str]) -> str:
     return ""
 
 
+def run_in_empty_directory(script: str, flags: list[str], timeout: float):
+    """(the CompletedProcess of `script` with `flags` run on CPU in an empty directory, or None if it outran `timeout`;
+    what it left in that directory)."""
+    with tempfile.TemporaryDirectory() as cwd:
+        command = [sys.executable, os.path.join(ROOT, script), *flags]
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        try:
+            result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, []
+        return result, os.listdir(cwd)
+
+
 def outcome(script: str, flags: list[str], timeout: float) -> dict:
     refusal = precheck(script, flags)
     if refusal:
         kind = "defect: traceback" if refusal.startswith("traceback") else "refusal"
         return dict(kind=kind, line=refusal)
-    with tempfile.TemporaryDirectory() as cwd:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        try:
-            result = subprocess.run(
-                [sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env, capture_output=True, text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            return dict(kind="trains", line=f"still training after {timeout:g} s")
-        written = os.listdir(cwd)
+    result, written = run_in_empty_directory(script, flags, timeout)
+    if result is None:
+        return dict(kind="trains", line=f"still training after {timeout:g} s")
     stderr = result.stderr.strip().splitlines()
     if result.returncode < 0 or result.returncode > 128:
         return dict(kind="defect: native crash", line=f"exit {result.returncode}: {stderr[-1] if stderr else ''}")
@@ -211,16 +217,9 @@ def driver_outcome(driver: str, flags: list[str], timeout: float) -> dict:
         return dict(kind="accepted", line="not run (minatar.py and gpu_check.py would train, plot.py would plot)")
     if refusal.startswith("traceback"):
         return dict(kind="defect: traceback", line=refusal)
-    with tempfile.TemporaryDirectory() as cwd:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        try:
-            result = subprocess.run(
-                [sys.executable, os.path.join(ROOT, driver), *flags], cwd=cwd, env=env, capture_output=True, text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            return dict(kind="defect: no refusal", line=f"still running after {timeout:g} s")
-        written = os.listdir(cwd)
+    result, written = run_in_empty_directory(driver, flags, timeout)
+    if result is None:
+        return dict(kind="defect: no refusal", line=f"still running after {timeout:g} s")
     stderr = [line for line in result.stderr.strip().splitlines() if line.strip()]
     if "Traceback" in result.stderr:
         return dict(kind="defect: traceback", line=stderr[-1][:200])
