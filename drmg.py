@@ -132,10 +132,14 @@ class Args:
     """w'_H, reference weight of the entropy bonus; the inner w_H is w'_H x sigmoid(logit)"""
     max_grad_norm: float = 40.0
     """the maximum norm of the gradient"""
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    """the agent's optimiser: RMSProp (the papers') or Adam (b1 0.9, b2 0.999, bias-corrected)"""
     rmsprop_eps: float = 0.01
     """epsilon of RMSProp (inside the square root)"""
     rmsprop_decay: float = 0.99
     """decay of RMSProp"""
+    adam_eps: float = 1e-5
+    """epsilon of Adam (outside the square root)"""
 
     # Meta-gradient
     meta_learn: Literal["all", "eta1", "none"] = "all"
@@ -193,6 +197,7 @@ class Args:
 
 # The defaults that differ by environment family; where each comes from: docs/minatar.md.
 CPU_CHUNK_ENVS = 16  # --chunk-envs on CPU when unset: the fastest there (benchmark/update_time.py)
+MAX_QUANTILES = 1024  # --num-quantiles at most: 1024^2 pairs x 20 steps x 16 envs is 1.3 GB of the quantile loss
 ENV_DEFAULTS = {
     "-MinAtar": dict(
         total_timesteps=10_000_000,
@@ -719,8 +724,10 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(args: Args):
-    """The agent's optimiser: RMSProp on the globally clipped gradient."""
+    """The agent's optimiser: RMSProp or Adam (`--optimizer`) on the globally clipped gradient."""
     schedule = partial(learning_rate, args) if args.anneal_lr else args.learning_rate
+    if args.optimizer == "adam":
+        return optax.chain(clip_by_global_norm(args.max_grad_norm), optax.adam(schedule, eps=args.adam_eps))
     return optax.chain(
         clip_by_global_norm(args.max_grad_norm),
         optax.rmsprop(schedule, decay=args.rmsprop_decay, eps=args.rmsprop_eps),
@@ -1094,10 +1101,19 @@ def check_args(args: Args):
         raise SystemExit(f"--env-id {args.env_id!r}: a JAX environment is a module name, without dots or a path")
     if args.env_id.endswith("_jax") and importlib.util.find_spec(args.env_id) is None:
         raise SystemExit(f"--env-id {args.env_id!r}: no JAX environment module of that name")
+    for name in ("actor_device_ids", "learner_device_ids"):
+        ids = getattr(args, name)
+        if not ids or min(ids) < 0 or len(set(ids)) < len(ids):
+            raise SystemExit(f"--{name.replace('_', '-')} {ids}: device indices must be >= 0 and distinct")
     if (args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids)) % (2 * len(args.learner_device_ids)):
         raise SystemExit("envs per process must split into two equal halves on every learner device")
     if min(args.num_quantiles, args.num_steps, args.local_num_envs, args.num_actor_threads) < 1:
         raise SystemExit("--num-quantiles, --num-steps, --local-num-envs and --num-actor-threads must be positive")
+    if args.num_quantiles > MAX_QUANTILES:  # before compiling: a learner step at 10^6 quantiles takes minutes to refuse
+        raise SystemExit(
+            f"--num-quantiles {args.num_quantiles}: at most {MAX_QUANTILES} (the quantile loss compares every pair, "
+            "N^2 numbers per step of each env)"
+        )
     if not (0 <= args.gamma <= 1 and 0 <= args.lambda_ <= 1 and 0 <= args.alpha <= 1):
         raise SystemExit("--gamma, --lambda_ and --alpha must lie in [0, 1]")
     if not 0 <= args.huber_kappa < np.inf:
@@ -1127,6 +1143,11 @@ def check_args(args: Args):
     envs_steps = args.local_num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.num_steps
     if args.total_timesteps // max(1, envs_steps) > 2**31 - 1:  # the optimiser counts its steps in int32
         raise SystemExit(f"--total-timesteps {args.total_timesteps}: more than 2^31 - 1 updates of {envs_steps} steps")
+    for spec in fields(args):  # EnvPool takes its sizes as C ints and XLA its shapes and loop counts as int32
+        value = getattr(args, spec.name)
+        too_big = [x for x in (value if isinstance(value, list) else [value]) if type(x) is int and x > 2**31 - 1]
+        if too_big and spec.name != "total_timesteps":
+            raise SystemExit(f"--{spec.name.replace('_', '-')} {too_big[0]}: at most 2^31 - 1")
     if args.num_seeds < 1 or (args.num_seeds > 1 and not is_jax_env(args.env_id)):
         raise SystemExit(f"--num-seeds {args.num_seeds}: at least 1, and more than 1 only for a JAX environment (MinAtar, *_jax)")
     if args.track and args.num_seeds > 1:
@@ -1137,8 +1158,12 @@ def check_args(args: Args):
         raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
     if args.track and importlib.util.find_spec("wandb") is None:
         raise SystemExit("--track needs Weights & Biases: pip install wandb")
-    if not all(0 < x < np.inf for x in (args.learning_rate, args.rmsprop_eps, args.max_grad_norm, args.queue_timeout)):
-        raise SystemExit("--learning-rate, --rmsprop-eps, --max-grad-norm and --queue-timeout must be positive and finite")
+    if not all(
+        0 < x < np.inf for x in (args.learning_rate, args.rmsprop_eps, args.adam_eps, args.max_grad_norm, args.queue_timeout)
+    ):
+        raise SystemExit(
+            "--learning-rate, --rmsprop-eps, --adam-eps, --max-grad-norm and --queue-timeout must be positive and finite"
+        )
     if not 0 <= args.rmsprop_decay < 1:
         raise SystemExit("--rmsprop-decay must lie in [0, 1)")
     if not all(0 < x < np.inf for x in (args.meta_learning_rate, args.meta_grad_clip)):
@@ -1149,10 +1174,6 @@ def check_args(args: Args):
         raise SystemExit(f"--bmg-steps {args.bmg_steps}: at most 64 (each step is compiled into the learner step)")
     if (args.bmg_steps or args.bmg_value_coef) and (args.meta_learn == "none" or not args.bmg_steps):
         raise SystemExit("--bmg-steps and --bmg-value-coef need meta-learning: --bmg-steps >= 1, not --meta-learn none")
-    for name in ("actor_device_ids", "learner_device_ids"):
-        ids = getattr(args, name)
-        if not ids or min(ids) < 0 or len(set(ids)) < len(ids):
-            raise SystemExit(f"--{name.replace('_', '-')} {ids}: device indices must be >= 0 and distinct")
     if not args.distributed and (args.coordinator_address or args.num_processes is not None or args.process_id is not None):
         raise SystemExit("--coordinator-address, --num-processes and --process-id go with --distributed")
     if (args.num_processes is not None and args.num_processes < 1) or not 0 <= (args.process_id or 0) < (args.num_processes or 2**62):
@@ -1241,14 +1262,15 @@ def learner_memory(compiled, args: Args, learner_devices: Sequence[jax.Device]) 
 
 
 def check_params_fit(init, args: Args, learner_devices: Sequence[jax.Device]):
-    """Stop in one line, before anything is allocated or written, if three copies of the network's parameters
-    (`init()`'s, read without running it: the parameters, their gradients, RMSProp's state) cannot fit a learner
-    device; the compiled learner step's check comes after."""
-    needed = 3 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(init)))
+    """Stop in one line, before anything is allocated or written, if the copies of the network's parameters
+    (`init()`'s, read without running it: the parameters, their gradients, RMSProp's one state or Adam's two) cannot
+    fit a learner device; the compiled learner step's check comes after."""
+    copies = 4 if args.optimizer == "adam" else 3
+    needed = copies * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(init)))
     available = args.memory_limit_gib * 2**30 or available_memory(learner_devices[0])
     if available is not None and needed > available:
         raise SystemExit(
-            f"the network's parameters need {needed / 2**30:.1f} GiB (3 copies) and a learner device "
+            f"the network's parameters need {needed / 2**30:.1f} GiB ({copies} copies) and a learner device "
             f"({learner_devices[0].device_kind}) has {available / 2**30:.1f} GiB: lower the flags that size the network"
         )
 

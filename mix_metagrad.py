@@ -570,6 +570,8 @@ def check_args(args: Args):
         raise SystemExit("--variance-points must be >= 0")
     if args.variance_points and (1 not in args.variance_nstep or min(args.variance_nstep + args.variance_mix) < 1):
         raise SystemExit("--variance-nstep must contain 1 (the normaliser) and every n must be >= 1")
+    if not 0 <= args.adam_eps_root < np.inf:
+        raise SystemExit("--adam-eps-root must be >= 0 and finite")
     if args.adam_eps_root <= 0 and args.inner_steps > 0:
         raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
     for name in ("gamma", "lambda_", "crit_coef", "ent_coef"):
@@ -581,6 +583,15 @@ def check_args(args: Args):
         raise SystemExit("--board-size must be at least 2")
     if args.save_every < 0 or args.total_timesteps < 1:
         raise SystemExit("--save-every must be >= 0 and --total-timesteps >= 1")
+    if not 0 <= args.seed <= 2**31 - 1:
+        raise SystemExit(f"--seed {args.seed}: must lie in [0, 2^31)")
+    if args.total_timesteps // (args.num_envs * args.num_steps) > 2**31 - 1:  # the optimisers count their steps in int32
+        raise SystemExit(f"--total-timesteps {args.total_timesteps}: more than 2^31 - 1 updates")
+    for spec in fields(args):  # XLA takes shapes and loop counts as int32
+        value = getattr(args, spec.name)
+        too_big = [x for x in (value if isinstance(value, list) else [value]) if type(x) is int and x > 2**31 - 1]
+        if too_big and spec.name != "total_timesteps":
+            raise SystemExit(f"--{spec.name.replace('_', '-')} {too_big[0]}: at most 2^31 - 1")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
         raise SystemExit(f"--exp-name {args.exp_name!r} must be a file name, without a path separator")
     if args.track and importlib.util.find_spec("wandb") is None:
@@ -773,6 +784,7 @@ if __name__ == "__main__":
     def request_stop(signum, frame):
         """SIGINT, SIGTERM: finish the current chunk, save the checkpoint, exit 128 + signum; a second one exits now."""
         if stop_signal:
+            print(f"{signal.Signals(signum).name}: exit now; the work since the last checkpoint is lost", flush=True)
             os._exit(128 + signum)
         stop_signal.append(signum)
 

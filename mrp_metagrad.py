@@ -275,8 +275,10 @@ def check_args(args: Args):
         raise SystemExit("--num-updates, --batch-size, --mc-samples and --inner-steps must be positive; --gamma in (0, 1)")
     if not (abs(args.even_reward) <= 1e18 and 0 <= args.noise_std <= 1e18):
         raise SystemExit("--even-reward must lie in [-1e18, 1e18] and --noise-std in [0, 1e18]: squared returns stay finite in float32")
-    if args.adam_eps_root <= 0:
-        raise SystemExit("--adam-eps-root must be > 0: the meta-gradient differentiates through Adam's square root")
+    if not 0 < args.adam_eps_root < np.inf:
+        raise SystemExit("--adam-eps-root must be > 0 and finite: the meta-gradient differentiates through Adam's square root")
+    if not 0 <= args.seed <= 2**31 - 1:
+        raise SystemExit(f"--seed {args.seed}: must lie in [0, 2^31)")
     if not (0 < args.learning_rate < np.inf and 0 < args.meta_learning_rate < np.inf):
         raise SystemExit("--learning-rate and --meta-learning-rate must be positive and finite")
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name:
@@ -307,6 +309,7 @@ if __name__ == "__main__":
 
     def request_stop(signum, frame):
         if stop_signal:  # a second signal: exit now
+            print(f"{signal.Signals(signum).name}: exit now; the n being run is lost", flush=True)
             os._exit(128 + signum)
         stop_signal.append(signum)
 

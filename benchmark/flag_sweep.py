@@ -1,4 +1,5 @@
-"""Every numeric flag of every script set in turn to -1, 0 and a huge value on a tiny run (issue 23): does the script
+"""Every numeric flag of every script set in turn to -1, 0, 10^9, 10^11 and 2^64 (a float one to -1, 0, 1e30, nan and
+inf), every list and text flag given empty, on a tiny run (issues 23 and 34): does the script
 train, refuse in one line before writing anything, or show a defect (a native crash, a traceback, NaN, something
 written before a refusal)?
 
@@ -50,7 +51,13 @@ TINY = {
     ],
     "mrp_metagrad.py": ["--num-updates", "20", "--mc-samples", "4", "--inner-steps", "1", "2"],
 }
-HUGE = {"int": "1000000000", "float": "1e30"}
+# The values of each kind of flag: the first three are those of issue 23, the rest the extremes of issue 34.
+VALUES = {
+    "int": ["-1", "0", "1000000000", str(10**11), str(2**64)],
+    "float": ["-1", "0", "1e30", "nan", "inf"],
+    "list": [""],
+    "text": [""],
+}
 COMMIT = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 # "+": the working tree differs from that commit (what ran is the commit and the changes beside it)
 _DIRTY = ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"]
@@ -80,8 +87,9 @@ class Args:
     """the drivers' outcomes, kept between runs of the sweep"""
 
 
-def numeric_fields(script: str) -> list[tuple[str, str]]:
-    """(field, 'int' or 'float') of every numeric field of the script's Args (Optional ones too), in order."""
+def swept_fields(script: str) -> list[tuple[str, str]]:
+    """(field, 'int', 'float', 'list' or 'text') of every numeric, list and text field of the script's Args (Optional
+    ones too), in order."""
     with open(os.path.join(ROOT, script)) as f:
         tree = ast.parse(f.read())
     args_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
@@ -90,7 +98,8 @@ def numeric_fields(script: str) -> list[tuple[str, str]]:
         if not isinstance(s, ast.AnnAssign):
             continue
         kind = ast.unparse(s.annotation).removeprefix("Optional[").removesuffix("]")
-        if kind in ("int", "float"):
+        kind = "list" if kind.startswith("List[") else "text" if kind == "str" else kind
+        if kind in ("int", "float", "list", "text"):
             found.append((s.target.id, kind))
     return found
 
@@ -273,14 +282,15 @@ def main(args: Args):
     if args.drivers:
         return sweep_drivers(args, results)
     for script in args.scripts:
-        for name, kind in numeric_fields(script):
+        for name, kind in swept_fields(script):
             if name in FILLED_IN and script != "mrp_metagrad.py":
                 continue
-            for value in ["-1", "0", HUGE[kind]]:
-                key = f"{script} {flag(name)} {value}"
+            for value in VALUES[kind]:
+                key = f"{script} {flag(name)} {value or '(empty)'}"
                 if key in results:
                     continue
-                flags = [*TINY[script], flag(name), value]
+                given = [flag(name)] if kind == "list" else [f"{flag(name)}={value}"]  # a list given no values
+                flags = [*TINY[script], *given]
                 if args.dry_run:
                     refusal = precheck(script, flags)
                     print(f"{key}: {'refused: ' + refusal if refusal else 'accepted: would run'}")

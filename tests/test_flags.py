@@ -10,12 +10,12 @@ from helpers import ROOT
 SCRIPTS = ["qr_impala.py", "drmg.py", "mg.py", "stacx.py", "mix_metagrad.py", "mrp_metagrad.py"]
 # Fields that need no check, and why.
 ANY_VALUE = {
-    "seed": "any integer seeds the PRNG",
     "wandb_project_name": "any string; used only with --track, by wandb",
     "wandb_entity": "any string or none; used only with --track, by wandb",
     "save_model": "a boolean",
     "anneal_lr": "a boolean",
     "network": "a Literal: tyro refuses any other value",
+    "optimizer": "a Literal: tyro refuses any other value",
     "scalar_eta": "a boolean",
     "eta_embedding": "a boolean",
     "local_batch_size": "filled in at startup from the other flags: a given value is overwritten",

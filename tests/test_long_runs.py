@@ -225,6 +225,19 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_a_closed_event_file(tmp_pa
     assert max(logged["charts/SPS"]) > 0  # the events were flushed and the file closed
 
 
+@pytest.mark.parametrize("script", ["qr_impala", "mix_metagrad"])
+def test_a_second_signal_exits_at_once_and_says_what_is_lost(tmp_path, script):
+    """SIGINT then SIGTERM at once (two signals of one kind may merge into one): the second exits without saving."""
+    flags = ["--num-envs", "4", "--num-steps", "5", "--log-frequency", "2"] if script == "mix_metagrad" else CARTPOLE
+    process = started_until(tmp_path, script, "update ", *flags, "--total-timesteps", "100000000", "--save-every", "0")
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM: exit now; the work since the last checkpoint is lost" in stdout
+    assert "stopped by" not in stdout and "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("script,signum", [("qr_impala", signal.SIGTERM), ("drmg", signal.SIGINT)])
 def test_a_signal_while_the_learner_step_compiles_exits_at_once_with_nothing_written(tmp_path, script, signum):
     """Before the run directory exists a signal exits at once, saying so (it used to wait, silent, for the compilation
@@ -310,7 +323,12 @@ BAD_FLAGS = [
     (["--envpool-threads", "-1"], "--noop-max and --envpool-threads must be >= 0"),
     (["--max-episode-steps", "0"], "--max-episode-steps >= 1"),
     (["--envpool-threads", "5"], "--envpool-threads 5: at most --local-num-envs (4)"),  # 10**9 aborted in C++
-    (["--num-quantiles", "1000000000"], "the network's parameters need 2872.2 GiB (3 copies) and a learner device (cpu) has"),
+    (["--num-quantiles", "1000000"], "--num-quantiles 1000000: at most 1024 (the quantile loss compares every pair"),
+    (["--local-num-envs", str(2**64)], f"--local-num-envs {2**64}: at most 2^31 - 1"),  # EnvPool's C int, XLA's int32
+    (["--eval-episodes", str(10**11)], f"--eval-episodes {10**11}: at most 2^31 - 1"),
+    (["--actor-device-ids", "0", str(2**64)], f"--actor-device-ids {2**64}: at most 2^31 - 1"),
+    (["--learner-device-ids"], "--learner-device-ids []: device indices must be >= 0 and distinct"),  # was a ZeroDivisionError
+    (["--optimizer", "adam", "--adam-eps", "nan"], "--adam-eps"),
     (["--env-id", "os.x_jax"], "a JAX environment is a module name, without dots"),
     (["--env-id", "evil.x_jax"], "a JAX environment is a module name, without dots"),
     (["--seed", str(2**64)], f"--seed {2**64}: the run's seeds (--seed + its seeds, processes and actor threads) must lie"),
@@ -360,11 +378,40 @@ def test_the_siblings_check_their_flags_too(tmp_path, monkeypatch, script):
     assert os.listdir(tmp_path) == ["runs"]
 
 
-@pytest.mark.parametrize("script,flag", [("drmg", "--num-quantiles"), ("mg", "--eta-embedding-size"), ("stacx", "--num-heads")])
-def test_a_network_too_large_for_the_device_is_refused_before_it_is_allocated(tmp_path, monkeypatch, script, flag):
-    message = refusal(tmp_path, monkeypatch, script, flag, "10000000000", "--total-timesteps", "64", *CARTPOLE)
-    pattern = r"the network's parameters need [\d.]+ GiB \(3 copies\) and a learner device \(cpu\) has [\d.]+ GiB: .*"
+@pytest.mark.parametrize(
+    "script,flags,copies",
+    [
+        ("drmg", ["--num-quantiles", "1024", "--memory-limit-gib", "0.001"], 3),
+        ("mg", ["--eta-embedding-size", str(2**31 - 1)], 3),
+        ("stacx", ["--num-heads", str(2**31 - 1), "--optimizer", "adam"], 4),  # Adam keeps two moments
+    ],
+)
+def test_a_network_too_large_for_the_device_is_refused_before_it_is_allocated(tmp_path, monkeypatch, script, flags, copies):
+    message = refusal(tmp_path, monkeypatch, script, *flags, "--total-timesteps", "64", *CARTPOLE)
+    pattern = rf"the network's parameters need [\d.]+ GiB \({copies} copies\) and a learner device \(cpu\) has [\d.]+ GiB: .*"
     assert re.fullmatch(pattern, message), message
+    assert os.listdir(tmp_path) == []
+
+
+EXTREME_FLAGS = [  # issue 34: each refused by the script's own checks, in one line, before anything is written
+    ("drmg", ["--num-quantiles", "2000"], "--num-quantiles 2000: at most 1024"),
+    ("mg", ["--total-timesteps", str(10**15)], f"--total-timesteps {10**15}: more than 2^31 - 1 updates"),
+    ("stacx", ["--num-steps", str(10**11)], f"--num-steps {10**11}: at most 2^31 - 1"),
+    ("stacx", ["--learner-device-ids"], "--learner-device-ids []: device indices must be >= 0 and distinct"),
+    ("mix_metagrad", ["--seed", str(2**64)], f"--seed {2**64}: must lie in [0, 2^31)"),
+    ("mix_metagrad", ["--seed", "-1"], "--seed -1: must lie in [0, 2^31)"),
+    ("mix_metagrad", ["--total-timesteps", str(2**64)], f"--total-timesteps {2**64}: more than 2^31 - 1 updates"),
+    ("mix_metagrad", ["--log-frequency", str(10**11)], f"--log-frequency {10**11}: at most 2^31 - 1"),
+    ("mix_metagrad", ["--adam-eps-root", "nan"], "--adam-eps-root must be >= 0 and finite"),
+    ("mrp_metagrad", ["--seed", str(2**64)], f"--seed {2**64}: must lie in [0, 2^31)"),
+    ("mrp_metagrad", ["--adam-eps-root", "inf"], "--adam-eps-root must be > 0 and finite"),
+]
+
+
+@pytest.mark.parametrize("script,flags,message", EXTREME_FLAGS, ids=[f"{s} {' '.join(f)}" for s, f, _ in EXTREME_FLAGS])
+def test_extreme_flags_are_refused_in_one_line(tmp_path, monkeypatch, script, flags, message):
+    base = ["--env-id", "snake_jax"] if script == "mix_metagrad" else [] if script == "mrp_metagrad" else CARTPOLE
+    assert message in refusal(tmp_path, monkeypatch, script, *base, *flags)
     assert os.listdir(tmp_path) == []
 
 
