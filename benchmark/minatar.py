@@ -1,9 +1,11 @@
-"""The DrMG paper's comparison on MinAtar: QR, DrMG, MG and STACX (and DrMG's ablations) over games and seeds.
+"""The DrMG paper's comparison on MinAtar: QR, DrMG, MG, STACX and the fixed-eta controls MG({}) and STACX({}) (and
+DrMG's ablations) over games and seeds.
 
-Protocol (DrMG paper §5.3): QR is DrMG({}), `drmg.py --meta-learn none`, the same agent at DrMG's initial eta with
-nothing meta-learnt; MG and STACX start from DrMG's initial gamma, lambda and loss weights (0.99 w', `initial_eta`
-checks it before anything runs; MG has no leaky v-trace). Every agent runs with the scripts' MinAtar defaults
-(`ENV_DEFAULTS`) and the same --flags.
+Protocol (DrMG paper §5.3): every meta agent has a twin, the same command with `--meta-learn none` (TWINS): QR is
+DrMG({}), `drmg.py --meta-learn none`, the same agent at DrMG's initial eta with nothing meta-learnt; MG({}) and
+STACX({}) are MG and STACX at their initial eta. MG and STACX (and their twins) start from DrMG's initial gamma, lambda
+and loss weights (0.99 w', `initial_eta` checks it before anything runs; MG has no leaky v-trace). Every agent runs
+with the scripts' MinAtar defaults (`ENV_DEFAULTS`) and the same --flags.
 
 Each run works in runs/minatar_benchmark/{agent}/{game}_seed{seed} (its TensorBoard log, not kept) and, once it has
 finished, leaves its results in {out_dir}/{agent}/{game}_seed{seed}.json: the command, steps, wall time and SPS, every
@@ -21,16 +23,23 @@ that cannot be read back (truncated, not JSON, missing a field, another cell's) 
 (move it aside: the cell then runs again) and left out, and the rest is run and summarised (--no-run too). A run whose
 result cannot be collected keeps its work directory, renamed {work_dir}.uncollected-TIME, and says so. The summary ({out_dir}/summary.md, one plot per game
 {out_dir}/{game}.png, all games in {out_dir}/minatar.png; the same names prefixed "ablations_" for a grid with an
-ablation agent):
-    - per game and agent, the final return (mean of the last 10% of episodes), mean and std over seeds;
+ablation agent), deterministic for the same results:
+    - per game and agent, the final return (mean of the last 10% of episodes): mean and sample std (ddof = 1) over
+      seeds, and their number;
     - across games, the interquartile mean of normalised scores (0: a random policy's return, measured here and kept in
       {out_dir}/random.json; 1: gymnax's PPO reference at 10M steps) with 95% stratified bootstrap confidence intervals
       (rliable, Agarwal et al. 2021), over the games where every agent has all its seeds;
+    - on the same scores, the probability of improvement P(X > Y) with its 95% stratified bootstrap confidence interval
+      (rliable) of each meta agent over its twin, of DrMG over MG and over STACX, and of DrMG over each of its ablations
+      (IMPROVEMENTS: the pairs whose two agents are in the grid);
     - how far each agent's meta-parameters moved (mean over seeds and over a vector's entries).
 
-    nice -n 10 python benchmark/minatar.py                                     # the table: 4 agents, 2 games, 3 seeds
+    nice -n 10 python benchmark/minatar.py         # the table: 6 agents, 4 games, 3 seeds, 10M steps
     nice -n 10 python benchmark/minatar.py --agents drmg drmg_eta1 drmg_scalar drmg_nstep3 --games Breakout-MinAtar
-    python benchmark/minatar.py --no-run                                       # the summary of what is there
+    # the older table (4 agents, 2 games, 3 seeds, 2M steps), in benchmark/results/minatar:
+    nice -n 10 python benchmark/minatar.py --agents qr drmg mg stacx --games Breakout-MinAtar SpaceInvaders-MinAtar \\
+        --total-timesteps 2000000 --out-dir benchmark/results/minatar
+    python benchmark/minatar.py --no-run           # the summary of what is there
 """
 
 import contextlib
@@ -61,6 +70,8 @@ LABELS = {
     "drmg": "DrMG",
     "mg": "MG",
     "stacx": "STACX",
+    "mg_fixed": "MG({})",
+    "stacx_fixed": "STACX({})",
     "drmg_eta1": "DrMG(eta1)",
     "drmg_scalar": "DrMG(eta-bar)",
     "drmg_nstep3": "DrMG + 3-step",
@@ -71,23 +82,35 @@ AGENTS = {
     "drmg": ("drmg", []),
     "mg": ("mg", []),
     "stacx": ("stacx", []),
+    "mg_fixed": ("mg", ["--meta-learn", "none"]),
+    "stacx_fixed": ("stacx", ["--meta-learn", "none"]),
     "drmg_eta1": ("drmg", ["--meta-learn", "eta1"]),
     "drmg_scalar": ("drmg", ["--scalar-eta"]),
     "drmg_nstep3": ("drmg", ["--n-step", "3"]),
 }
+# meta agent: its fixed-eta twin, the same command with --meta-learn none.
+TWINS = {"drmg": "qr", "mg": "mg_fixed", "stacx": "stacx_fixed"}
+# The table's agents (the default) and DrMG's ablations (a grid with one summarises under "ablations_").
+TABLE = ["qr", "drmg", "mg", "stacx", "mg_fixed", "stacx_fixed"]
+ABLATIONS = ["drmg_eta1", "drmg_scalar", "drmg_nstep3"]
+# (X, Y) of the probability of improvement P(X > Y), in the summary's order: each meta agent over its twin, DrMG over
+# MG and over STACX, DrMG over each ablation.
+IMPROVEMENTS = [*TWINS.items(), ("drmg", "mg"), ("drmg", "stacx"), *(("drmg", a) for a in ABLATIONS)]
 # gymnax's PPO checkpoints after 10M steps (gymnax README): the 1 of the normalised score.
 PPO_10M = {"Asterix-MinAtar": 15.0, "Breakout-MinAtar": 28.0, "Freeway-MinAtar": 58.0, "SpaceInvaders-MinAtar": 131.0}
 
 
 @dataclass
 class Args:
-    agents: List[str] = field(default_factory=lambda: ["qr", "drmg", "mg", "stacx"])
+    agents: List[str] = field(default_factory=lambda: list(TABLE))
     """the agents (keys of AGENTS)"""
-    games: List[str] = field(default_factory=lambda: ["Breakout-MinAtar", "SpaceInvaders-MinAtar"])
+    games: List[str] = field(
+        default_factory=lambda: ["Breakout-MinAtar", "SpaceInvaders-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar"]
+    )
     """MinAtar games of gymnax"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
     """one run per agent, game and seed"""
-    total_timesteps: int = 2_000_000
+    total_timesteps: int = 10_000_000
     """environment steps per run"""
     flags: str = ""
     """flags given to every script after its MinAtar defaults, e.g. --flags='--local-num-envs 32'"""
@@ -97,7 +120,7 @@ class Args:
     """run what is missing (--no-run: only the summary)"""
     bin_steps: int = 50_000
     """the stored curves average the episodic returns in bins of this many steps"""
-    out_dir: str = os.path.join(ROOT, "benchmark", "results", "minatar")
+    out_dir: str = os.path.join(ROOT, "benchmark", "results", "minatar_10m")
     """where the per-run results, random.json, summary.md and the plots go"""
     runs_dir: str = os.path.join(ROOT, "runs", "minatar_benchmark")
     """where the runs work"""
@@ -152,7 +175,7 @@ def check_flags(args: Args):
         try:
             for game in args.games:  # MG's and STACX's loss weights are read from DrMG's parse of the flags
                 refusal = script_refusal("drmg", ["--env-id", game, *shlex.split(args.flags)], check=False)
-                if refusal and {"mg", "stacx"} & set(args.agents):
+                if refusal and any(AGENTS[a][0] in ("mg", "stacx") for a in args.agents):
                     raise SystemExit(
                         f"--flags {args.flags!r}: drmg.py (whose loss weights MG and STACX take) refuses them: {refusal}"
                     )
@@ -216,12 +239,15 @@ def drmg_args(flags: list[str]):
 
 
 def check_initial_eta(args: Args) -> dict:
-    """{(agent, game): eta}: every agent starts from DrMG's eta on every game (MG without alpha), or one line."""
+    """{(agent, game): eta}: every agent starts from DrMG's eta on every game (MG and MG({}) without alpha), or one
+    line. The eta is read from each script's Args and meta-parameter functions, as its run starts from, whether or not
+    it meta-learns."""
     etas = {}
+    no_alpha = tuple(a for a in args.agents if AGENTS[a][0] == "mg")
     for game in args.games:
         game_etas = {agent: initial_eta(*agent_flags(args, agent, game)) for agent in args.agents}
         reference = initial_eta(*agent_flags(args, "drmg", game))
-        mismatch = eta_mismatch(game_etas, reference, no_alpha=("mg",))
+        mismatch = eta_mismatch(game_etas, reference, no_alpha=no_alpha)
         if mismatch:
             raise SystemExit(f"{game}: {mismatch}")
         etas.update({(agent, game): eta for agent, eta in game_etas.items()})
@@ -513,21 +539,54 @@ def random_returns(args: Args) -> dict:
     return {g: kept[g]["mean_return"] for g in args.games}
 
 
+@contextlib.contextmanager
+def seeded(seed: int = 0):
+    """numpy's global generator seeded for the block and given back its state after: rliable's bootstrap resamples
+    with np.random.choice, whatever random_state it is given."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def interval_estimates(scores: dict, func, reps: int) -> dict:
+    """{key: (point, low, high)} of func on each entry of scores (an array, or a tuple of arrays resampled each on its
+    own): rliable's stratified bootstrap over runs within each game, 95% percentile intervals, a fixed random state."""
+    from rliable import library as rly
+
+    with seeded(0), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # arch's: random_state is deprecated
+        point, interval = rly.get_interval_estimates(scores, func, reps=reps, random_state=np.random.RandomState(0))
+    return {k: (float(point[k][0]), float(interval[k][0, 0]), float(interval[k][1, 0])) for k in scores}
+
+
 def iqm_with_ci(scores: dict, reps: int) -> dict:
     """{agent: (IQM, low, high)} of normalised scores [runs, games]: rliable's stratified bootstrap, 95% intervals."""
-    from rliable import library as rly
     from rliable import metrics
 
-    point, interval = rly.get_interval_estimates(
-        scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps, random_state=np.random.RandomState(0)
-    )
-    return {a: (float(point[a][0]), float(interval[a][0, 0]), float(interval[a][1, 0])) for a in scores}
+    return interval_estimates(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps)
+
+
+def improvement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[P(X > Y)] of scores x [runs, games] and y [runs, games]: on each game, the fraction of pairs of a run of x and a
+    run of y where x's is higher (ties count half), averaged over the games. rliable's
+    metrics.probability_of_improvement (Mann-Whitney's U / (n_x n_y) per game), without its scipy call per game."""
+    difference = x[:, None, :] - y[None, :, :]
+    return np.array([np.mean((difference > 0) + 0.5 * (difference == 0))])
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int) -> tuple[float, float, float]:
+    """(P(X > Y), low, high) of scores x [runs, games] and y [runs, games]: `improvement` with rliable's 95% stratified
+    bootstrap interval, x's and y's runs resampled independently within each game (rliable's README)."""
+    return interval_estimates({"": (np.asarray(x, float), np.asarray(y, float))}, improvement, reps)[""]
 
 
 def stem(args: Args) -> str:
-    """The prefix of this grid's summary and plots: none for the table's agents (QR, DrMG, MG, STACX), "ablations_" for a
+    """The prefix of this grid's summary and plots: none for a grid of the table's agents (TABLE), "ablations_" for a
     grid with an ablation, so that it never overwrites the table's files."""
-    return "" if set(args.agents) <= set(Args().agents) else "ablations_"
+    return "" if set(args.agents) <= set(TABLE) else "ablations_"
 
 
 def summarise(args: Args, quiet: bool = False) -> str:
@@ -541,7 +600,8 @@ def summarise(args: Args, quiet: bool = False) -> str:
     lines = [
         "# MinAtar: " + ", ".join(LABELS[a] for a in args.agents),
         "",
-        f"Final return (mean of the last 10% of episodes) after {args.total_timesteps:,} steps, mean ± std over seeds (n);",
+        f"Final return (mean of the last 10% of episodes) after {args.total_timesteps:,} steps: mean ± sample std (ddof = 1)",
+        "over seeds (n; – for the std of one seed);",
         "a random policy's return and gymnax's PPO reference after 10M steps beside it.",
         "",
         "| game | " + " | ".join(LABELS[a] for a in args.agents) + " | random | PPO (10M) |",
@@ -551,7 +611,8 @@ def summarise(args: Args, quiet: bool = False) -> str:
         cells = []
         for agent in args.agents:
             values = [results[agent, game, s]["final_return"] for s in args.seeds if (agent, game, s) in results]
-            cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f} ({len(values)})" if values else "–")
+            std = f"{np.std(values, ddof=1):.2f}" if len(values) > 1 else "–"
+            cells.append(f"{np.mean(values):.2f} ± {std} ({len(values)})" if values else "–")
         lines.append(f"| {game} | " + " | ".join(cells) + f" | {random[game]:.2f} | {PPO_10M[game]:g} |")
     complete = [g for g in args.games if all((a, g, s) in results for a in args.agents for s in args.seeds)]
     if complete:
@@ -574,6 +635,20 @@ def summarise(args: Args, quiet: bool = False) -> str:
         ]
         for label, (iqm, low, high) in iqm_with_ci(scores, args.bootstrap_reps).items():
             lines.append(f"| {label} | {iqm:.3f} | [{low:.3f}, {high:.3f}] |")
+        pairs = [(x, y) for x, y in IMPROVEMENTS if x in args.agents and y in args.agents]
+        if pairs:
+            lines += [
+                "",
+                "Probability of improvement P(X > Y) on the same scores: on each game, the chance that a run of X scores",
+                "higher than a run of Y (ties count half), averaged over the games; 95% stratified bootstrap confidence",
+                f"interval (rliable, {args.bootstrap_reps:,} resamples):",
+                "",
+                "| X over Y | P(X > Y) | 95% CI |",
+                "|---|---|---|",
+            ]
+            for x, y in pairs:
+                point, low, high = probability_of_improvement(scores[LABELS[x]], scores[LABELS[y]], args.bootstrap_reps)
+                lines.append(f"| {LABELS[x]} over {LABELS[y]} | {point:.3f} | [{low:.3f}, {high:.3f}] |")
     moved = []
     for agent in args.agents:
         runs = [r for r in results.values() if r["agent"] == agent and r["meta"]]

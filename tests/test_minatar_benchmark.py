@@ -1,5 +1,6 @@
 """benchmark/minatar.py on a tiny grid: it runs what has no results, keeps them, skips them when run again, summarises
-them (rliable's IQM, the plots), and refuses a grid whose agents do not start from DrMG's eta."""
+them (rliable's IQM and probability of improvement, the sample std, the plots), gives each meta agent a control that
+differs only by --meta-learn none, and refuses a grid whose agents do not start from DrMG's eta."""
 
 import json
 import os
@@ -92,3 +93,182 @@ def test_bad_grid_flags_are_refused_in_one_line(tmp_path):
         with pytest.raises(SystemExit, match=message):
             minatar.main(tiny_grid(tmp_path, **kwargs))
     assert not os.path.exists(tmp_path / "runs")
+
+
+def hand_improvement(x, y) -> float:
+    """P(X > Y) by hand: on each game, 1 for each pair of runs where x's is higher, 1/2 where equal; mean over the
+    pairs, then over the games."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    per_game = []
+    for game in range(x.shape[1]):
+        total = 0.0
+        for a in x[:, game]:
+            for b in y[:, game]:
+                total += 1.0 if a > b else 0.5 if a == b else 0.0
+        per_game.append(total / (len(x) * len(y)))
+    return float(np.mean(per_game))
+
+
+def test_the_probability_of_improvement_is_the_share_of_better_pairs_per_game_averaged_over_games():
+    from rliable import metrics
+
+    x, y = [[1.0], [2.0], [3.0]], [[0.0], [2.0], [4.0]]  # 1 > 0; 2 > 0, 2 = 2 (half); 3 > 0, 3 > 2: 4.5 of 9 pairs
+    point, low, high = minatar.probability_of_improvement(np.array(x), np.array(y), reps=300)
+    assert point == pytest.approx(hand_improvement(x, y)) == pytest.approx(4.5 / 9)
+    assert 0 <= low <= point <= high <= 1
+    # two games: the mean of each game's share (0.5 and 0.25), not the share of pairs pooled over games (7 of 16)
+    x, y = [[1.0, 10.0], [2.0, 20.0]], [[0.0, 15.0], [3.0, 25.0]]
+    point, low, high = minatar.probability_of_improvement(np.array(x), np.array(y), reps=300)
+    assert point == pytest.approx(hand_improvement(x, y)) == pytest.approx(0.375)
+    assert point == pytest.approx(metrics.probability_of_improvement(np.array(x), np.array(y)))
+    # rliable's own metric on runs with ties, and a resampled interval that cannot leave [1, 1] when X always wins
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(0, 4, (3, 4)).astype(float), rng.integers(0, 4, (5, 4)).astype(float)
+        assert minatar.improvement(x, y)[0] == pytest.approx(metrics.probability_of_improvement(x, y))
+        assert minatar.improvement(x, y)[0] == pytest.approx(hand_improvement(x, y))
+    assert minatar.probability_of_improvement(np.ones((3, 2)), np.zeros((3, 2)), reps=100) == (1.0, 1.0, 1.0)
+    # a fixed random state, and numpy's global one given back as it was
+    np.random.seed(5)
+    state = np.random.get_state()[1].copy()
+    x, y = rng.normal(size=(3, 2)), rng.normal(size=(3, 2))
+    assert minatar.probability_of_improvement(x, y, reps=300) == minatar.probability_of_improvement(x, y, reps=300)
+    assert minatar.iqm_with_ci({"a": x}, reps=300) == minatar.iqm_with_ci({"a": x}, reps=300)
+    np.testing.assert_array_equal(np.random.get_state()[1], state)
+
+
+def faked_grid(tmp_path, returns: dict, **kwargs) -> minatar.Args:
+    """A grid whose results are written as a run leaves them, without training: returns {(agent, game, seed): final
+    return}; a random policy's return 0 on every game."""
+    args = tiny_grid(tmp_path, **kwargs)
+    for (agent, game, seed), value in returns.items():
+        result = dict(
+            agent=agent, game=game, seed=seed, command=minatar.shown_command(minatar.run_command(args, agent, game, seed)),
+            flags=args.flags, total_timesteps=args.total_timesteps, last_step=args.total_timesteps, episodes=10,
+            final_return=float(value), wall_seconds=1.0, sps=1.0, bin_steps=args.bin_steps, curve=[float(value)] * 10, meta={},
+        )
+        minatar.write_json(minatar.result_path(args, agent, game, seed), result)
+    minatar.write_json(os.path.join(args.out_dir, "random.json"), {g: dict(mean_return=0.0) for g in minatar.PPO_10M})
+    return args
+
+
+GAMES = ["Breakout-MinAtar", "SpaceInvaders-MinAtar"]
+
+
+def improvement_rows(summary: str) -> list:
+    """The rows of the summary's probability-of-improvement table."""
+    return [line for line in summary.splitlines() if line.startswith("| ") and " over " in line and "X over Y" not in line]
+
+
+def test_the_summary_has_the_probability_of_improvement_of_the_pairs_in_the_grid_and_no_other(tmp_path):
+    rng = np.random.default_rng(1)
+    returns = {(a, g, s): float(rng.integers(0, 30)) for a in minatar.TABLE for g in GAMES for s in (1, 2, 3)}
+    args = faked_grid(tmp_path, returns, agents=minatar.TABLE, games=GAMES, seeds=[1, 2, 3])
+    summary = minatar.summarise(args)
+    assert summary == minatar.summarise(args)  # deterministic
+    assert "| X over Y | P(X > Y) | 95% CI |" in summary
+    rows = improvement_rows(summary)
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| DrMG over QR", "| MG over MG({})", "| STACX over STACX({})", "| DrMG over MG", "| DrMG over STACX",
+    ]
+    scores = {a: np.array([[returns[a, g, s] / minatar.PPO_10M[g] for g in GAMES] for s in (1, 2, 3)]) for a in minatar.TABLE}
+    point, low, high = minatar.probability_of_improvement(scores["mg"], scores["mg_fixed"], args.bootstrap_reps)
+    assert f"| MG over MG({{}}) | {point:.3f} | [{low:.3f}, {high:.3f}] |" in rows
+    assert point == pytest.approx(hand_improvement(scores["mg"], scores["mg_fixed"]))
+    # an ablation grid: DrMG over MG and over DrMG(eta1), nothing of the agents it lacks
+    returns = {(a, g, s): float(rng.integers(0, 30)) for a in ("drmg", "mg", "drmg_eta1") for g in GAMES for s in (1, 2, 3)}
+    summary = minatar.summarise(faked_grid(tmp_path, returns, agents=["drmg", "mg", "drmg_eta1"], games=GAMES, seeds=[1, 2, 3]))
+    assert [row.split(" | ")[0] for row in improvement_rows(summary)] == ["| DrMG over MG", "| DrMG over DrMG(eta1)"]
+    # over the complete games only: with a seed missing on SpaceInvaders, Breakout alone
+    returns.pop(("mg", "SpaceInvaders-MinAtar", 3))
+    os.remove(minatar.result_path(args, "mg", "SpaceInvaders-MinAtar", 3))
+    args = tiny_grid(tmp_path, agents=["drmg", "mg"], games=GAMES, seeds=[1, 2, 3])
+    scores = {a: np.array([[returns[a, "Breakout-MinAtar", s] / 28.0] for s in (1, 2, 3)]) for a in ("drmg", "mg")}
+    point, low, high = minatar.probability_of_improvement(scores["drmg"], scores["mg"], args.bootstrap_reps)
+    assert f"| DrMG over MG | {point:.3f} | [{low:.3f}, {high:.3f}] |" in minatar.summarise(args)
+
+
+def test_the_per_game_std_is_the_sample_std_over_seeds(tmp_path):
+    returns = {("qr", "Breakout-MinAtar", s): v for s, v in [(1, 1.0), (2, 2.0), (3, 4.0)]} | {("drmg", "Breakout-MinAtar", 1): 5.0}
+    summary = minatar.summarise(faked_grid(tmp_path, returns, seeds=[1, 2, 3]))
+    assert np.std([1.0, 2.0, 4.0], ddof=1) == pytest.approx(1.5275, abs=1e-4)  # ddof = 0: 1.2472
+    assert "mean ± sample std (ddof = 1)" in summary
+    assert "| Breakout-MinAtar | 2.33 ± 1.53 (3) | 5.00 ± – (1) |" in summary
+    assert "P(X > Y)" not in summary  # DrMG lacks seeds: no complete game
+
+
+def test_each_meta_agents_control_differs_from_its_command_only_by_meta_learn_none(tmp_path, monkeypatch):
+    args = minatar.Args()
+    for agent, control in minatar.TWINS.items():
+        assert minatar.AGENTS[agent][0] == minatar.AGENTS[control][0]
+        assert minatar.LABELS[control] in ("QR", minatar.LABELS[agent] + "({})")
+        for game in args.games:
+            ours, theirs = minatar.run_command(args, agent, game, 1), minatar.run_command(args, control, game, 1)
+            at = theirs.index("--meta-learn")
+            assert theirs[at : at + 2] == ["--meta-learn", "none"] and theirs[:at] + theirs[at + 2 :] == ours
+            assert "--meta-learn" not in ours
+    # they start from DrMG's eta (MG({}) without alpha, as MG) on every game, and are refused if they do not
+    etas = minatar.check_initial_eta(args)
+    assert etas["mg_fixed", "Freeway-MinAtar"] == etas["mg", "Freeway-MinAtar"]
+    assert etas["stacx_fixed", "Asterix-MinAtar"] == etas["drmg", "Asterix-MinAtar"]
+    monkeypatch.setitem(minatar.AGENTS, "stacx_fixed", ("stacx", ["--meta-learn", "none", "--gamma", "0.95"]))
+    with pytest.raises(SystemExit, match="Breakout-MinAtar: stacx_fixed does not start from DrMG's eta: gamma 0.95"):
+        minatar.check_initial_eta(minatar.Args(agents=["drmg", "stacx_fixed"], games=["Breakout-MinAtar"]))
+    assert "alpha 1" in eta_mismatch({"mg_fixed": etas["mg_fixed", "Breakout-MinAtar"]}, etas["drmg", "Breakout-MinAtar"])
+
+
+def test_the_table_defaults_and_the_names_of_their_summary(tmp_path):
+    import minatar_jax
+
+    args = minatar.Args()
+    assert args.agents == ["qr", "drmg", "mg", "stacx", "mg_fixed", "stacx_fixed"] == minatar.TABLE
+    assert args.games == list(minatar_jax.GAMES) and args.seeds == [1, 2, 3] and args.total_timesteps == 10_000_000
+    assert args.out_dir == os.path.join(minatar.ROOT, "benchmark", "results", "minatar_10m")
+    assert minatar.stem(args) == minatar.stem(tiny_grid(tmp_path, agents=["qr", "drmg", "mg", "stacx"])) == ""
+    assert minatar.stem(tiny_grid(tmp_path, agents=["drmg", "drmg_nstep3"])) == "ablations_"
+
+
+def test_a_grid_of_the_new_agents_writes_skips_and_summarises_its_runs(tmp_path, monkeypatch, capsys):
+    """The grid's own checks, collection and summary with every table agent; the runs faked in this process: each
+    writes the TensorBoard log a script leaves (meta agents return 10 + seed and move gamma, controls return seed)."""
+    from tensorboardX import SummaryWriter
+
+    started = []
+
+    def fake_run_commands(jobs, parallel, env, on_done=None, on_start=None):
+        for name, command, work_dir in jobs:
+            if not on_start(name, work_dir):
+                continue
+            started.append((name, command))
+            agent, _, seed = name
+            os.makedirs(work_dir, exist_ok=True)
+            writer = SummaryWriter(os.path.join(work_dir, "runs", "fake"))
+            value = seed + (10.0 if agent in minatar.TWINS else 0.0)
+            for step in (100, 600):
+                writer.add_scalar("charts/episodic_return", value, step)
+                writer.add_scalar("meta/gamma", 0.99 + (step / 1e5 if agent in minatar.TWINS else 0.0), step)
+            writer.add_scalar("charts/SPS", 100.0, 600)
+            writer.close()
+            on_done(name, work_dir, 0, 1.0)
+
+    monkeypatch.setattr(minatar, "run_commands", fake_run_commands)
+    args = tiny_grid(tmp_path, agents=minatar.TABLE, seeds=[1, 2])
+    minatar.write_json(os.path.join(args.out_dir, "random.json"), {"Breakout-MinAtar": dict(mean_return=0.0)})
+    minatar.main(args)
+    assert len(started) == 12 and all(command[:5] == ["nice", "-n", "10", *minatar.run_command(args, *name)[:2]] for name, command in started)
+    paths = {(a, s): minatar.result_path(args, a, "Breakout-MinAtar", s) for a in minatar.TABLE for s in (1, 2)}
+    results = {cell: json.loads(open(path).read()) for cell, path in paths.items()}
+    assert results["mg_fixed", 1]["command"].startswith("python mg.py --env-id Breakout-MinAtar --local-num-envs 4")
+    assert "--meta-learn none" in results["stacx_fixed", 2]["command"] and "--meta-learn" not in results["stacx", 2]["command"]
+    assert results["mg", 2]["final_return"] == 12.0 and results["mg_fixed", 2]["final_return"] == 2.0
+    mtimes = {cell: os.path.getmtime(path) for cell, path in paths.items()}
+    capsys.readouterr()
+    minatar.main(args)
+    assert "0 runs to do" in capsys.readouterr().out and len(started) == 12
+    assert {cell: os.path.getmtime(path) for cell, path in paths.items()} == mtimes
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert "| game | QR | DrMG | MG | STACX | MG({}) | STACX({}) | random | PPO (10M) |" in summary
+    for row in ("DrMG over QR", "MG over MG({})", "STACX over STACX({})"):
+        assert f"| {row} | 1.000 | [1.000, 1.000] |" in summary
+    assert "| DrMG over MG | 0.500 |" in summary and "- MG: gamma 0.99" in summary and "- MG({})" not in summary
+    assert os.path.exists(tmp_path / "results" / "minatar.png") and not os.path.exists(tmp_path / "results" / "ablations_summary.md")
