@@ -90,6 +90,9 @@ class Args:
     """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
     envpool_threads: int = 0
     """EnvPool worker threads per actor thread (0: EnvPool's default)"""
+    overlap_envs: bool = False
+    """actor threads: step the envs as two EnvPools of half of them each, the policy acting on one half while the other
+    steps (Sebulba's overlap; for an accelerator: on a CPU both share its cores, benchmark/actor_sps.py)"""
     network: Literal["auto", "resnet", "minatar"] = "auto"
     """the torso of image observations: IMPALA's ResNet, MinAtar's network, or auto: MinAtar's below 32 x 32 pixels"""
 
@@ -815,6 +818,21 @@ def wait_on(queue_operation, stop: threading.Event, timeout: float, what: str):
     return None
 
 
+def send(envs, actions):
+    """Start a step of `envs`: EnvPool runs it in its own threads until `receive`; another vector env runs it here."""
+    if hasattr(envs, "send"):
+        envs.send(actions)
+    else:
+        envs.stepped = envs.step(actions)
+
+
+def receive(envs):
+    """(obs, rewards, terminations, truncations, episode lengths) of the step sent to `envs`, in the order of its envs."""
+    obs, reward, terminated, truncated, info = envs.recv() if hasattr(envs, "recv") else envs.stepped
+    order = np.argsort(info["env_id"]) if "env_id" in info else np.arange(len(reward))
+    return obs[order], reward[order], terminated[order].astype(bool), truncated[order].astype(bool), info["elapsed_step"][order]
+
+
 def actor_loop(
     key: jax.random.PRNGKey,
     args: Args,
@@ -831,10 +849,17 @@ def actor_loop(
 ):
     """An actor thread: step its EnvPool with the latest policy it was given (`policy_inputs`), put each unroll on
     `rollout_queue`, from update and global step `start` until the last update or `stop`; `doing[thread_index]` says
-    what it is doing."""
-    envs = make_env(args.env_id, args.seed + jax.process_index() * 1000 + thread_index, args.local_num_envs, args)
-    network = make_network(envs.action_space.n, args)
+    what it is doing.
+
+    With --overlap-envs its envs are two EnvPools of half of them each (Podracer's Sebulba): while one half steps, in
+    EnvPool's threads, the policy acts on the other, so the environments and the policy's inference overlap. Half h's
+    seed is the thread's + h x the first half's size: env i has the seed it would have in one EnvPool of all of them."""
     num_envs = args.local_num_envs
+    halves = [slice(0, (num_envs + 1) // 2), slice((num_envs + 1) // 2, num_envs)]
+    halves = halves if args.overlap_envs and num_envs > 1 else [slice(0, num_envs)]
+    seed = args.seed + jax.process_index() * 1000 + thread_index
+    pools = [make_env(args.env_id, seed + part.start, part.stop - part.start, args) for part in halves]
+    network = make_network(pools[0].action_space.n, args)
     # global steps per env step of this thread: every env of every actor thread of every process steps once meanwhile
     steps_per_tick = num_envs * args.num_actor_threads * len(args.actor_device_ids) * args.world_size
 
@@ -845,7 +870,7 @@ def actor_loop(
         return jax.random.categorical(subkey, logits), logits, key
 
     episode_returns = np.zeros(num_envs)
-    obs, _ = envs.reset()
+    obs = np.concatenate([envs.reset()[0] for envs in pools])
     reset_next = np.zeros(num_envs, dtype=bool)  # EnvPool resets an env on the step after it is done
     start_update, global_step = start
     for update in range(start_update + 1, args.num_updates + 1):
@@ -859,40 +884,54 @@ def actor_loop(
                 return
         policy_queue_get_time = time.time() - rollout_start
         env_time = inference_time = 0.0
-        storage = dict(obs=[], actions=[], behaviour_logits=[], rewards=[], terminations=[], truncations=[], resets=[])
+        T = args.num_steps
+        storage = dict(
+            obs=np.zeros((T + 1, *obs.shape), obs.dtype),
+            actions=[[None] * len(pools) for _ in range(T)],
+            behaviour_logits=[[None] * len(pools) for _ in range(T)],
+            rewards=np.zeros((T, num_envs), np.float32),
+            terminations=np.zeros((T, num_envs), bool),
+            truncations=np.zeros((T, num_envs), bool),
+            resets=np.zeros((T, num_envs), bool),
+        )
         finished = []  # (global step at its end, return, length) of every episode that ends in this unroll
         doing[thread_index] = "stepping its environments"
-        for t in range(args.num_steps):
-            if stop.is_set():
-                return
-            inference_start = time.time()
-            actions, logits, key = get_action(inputs, jax.device_put(obs, actor_device), key)
-            actions = np.asarray(actions)
-            inference_time += time.time() - inference_start
-            storage["obs"].append(obs)
-            storage["actions"].append(actions)
-            storage["behaviour_logits"].append(logits)
-            storage["resets"].append(reset_next)
-            env_start = time.time()
-            obs, reward, terminated, truncated, info = envs.step(actions)
-            env_time += time.time() - env_start
-            terminated, truncated = terminated.astype(bool), truncated.astype(bool)
-            storage["rewards"].append(reward)
-            storage["terminations"].append(terminated)
-            storage["truncations"].append(truncated)
-            episode_returns += reward
-            done = terminated | truncated
-            end_step = global_step + (t + 1) * steps_per_tick
-            finished += [(end_step, r, n) for r, n in zip(episode_returns[done], info["elapsed_step"][done])]
-            episode_returns[done] = 0.0
-            reset_next = done
-        storage["obs"].append(obs)
+        for t in range(T + 1):
+            for h, (envs, part) in enumerate(zip(pools, halves)):
+                if t > 0:  # this half's step t - 1 ran while the policy acted on the other half
+                    env_start = time.time()
+                    obs[part], reward, terminated, truncated, lengths = receive(envs)
+                    env_time += time.time() - env_start
+                    storage["rewards"][t - 1, part] = reward
+                    storage["terminations"][t - 1, part] = terminated
+                    storage["truncations"][t - 1, part] = truncated
+                    episode_returns[part] += reward
+                    done = terminated | truncated
+                    end_step = global_step + t * steps_per_tick
+                    finished += [(end_step, r, n) for r, n in zip(episode_returns[part][done], lengths[done])]
+                    episode_returns[part] = np.where(done, 0.0, episode_returns[part])
+                    reset_next[part] = done
+                if t == T:
+                    continue
+                if stop.is_set():
+                    return
+                inference_start = time.time()
+                actions, logits, key = get_action(inputs, jax.device_put(obs[part], actor_device), key)
+                actions = np.asarray(actions)
+                inference_time += time.time() - inference_start
+                storage["obs"][t, part] = obs[part]
+                storage["actions"][t][h], storage["behaviour_logits"][t][h] = actions, logits
+                storage["resets"][t, part] = reset_next[part]
+                send(envs, actions)
+        storage["obs"][T] = obs
+        for name in ("actions", "behaviour_logits"):
+            storage[name] = [np.concatenate([np.asarray(x) for x in halves_at_t]) for halves_at_t in storage[name]]
         global_step += args.num_steps * steps_per_tick
         # Stack and send each learner device its share of the envs now, while the learner is busy.
         device_put_start = time.time()
         shards = {}
         for name, values in storage.items():
-            values = np.stack([np.asarray(v) for v in values])
+            values = np.stack([np.asarray(v) for v in values]) if isinstance(values, list) else values
             values = values.astype(learner_dtype(values.dtype))
             shards[name] = [
                 jax.device_put(v, d) for v, d in zip(np.split(values, len(learner_devices), axis=1), learner_devices)

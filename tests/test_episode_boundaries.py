@@ -148,33 +148,35 @@ def test_the_boundary_test_catches_a_script_that_ignores_the_boundaries(name, br
 
 
 class ScriptedVecEnv:
-    """Two envs with EnvPool's auto-reset rule: env 0 terminates after 3 moves, env 1 is truncated after 4. The k-th
-    move of an episode gives reward k; the observation is (env, moves so far in the episode, episode number, 0)."""
+    """Envs `first`, ... of two with EnvPool's auto-reset rule: env 0 terminates after 3 moves, env 1 is truncated after
+    4. The k-th move of an episode gives reward k; the observation is (env, moves so far in the episode, episode
+    number, 0)."""
 
-    def __init__(self, num_envs, seed):
-        assert num_envs == 2
-        self.num_envs = num_envs
+    def __init__(self, num_envs, first):
+        assert 0 <= first and first + num_envs <= 2
+        self.num_envs, self.ids = num_envs, np.arange(first, first + num_envs)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
         self.action_space = gym.spaces.Discrete(NUM_ACTIONS)
-        self.lengths, self.moves, self.episodes = np.array([3, 4]), np.zeros(2, int), np.zeros(2, int)
-        self.reset_now = np.zeros(2, bool)
+        self.lengths, self.moves, self.episodes = np.array([3, 4])[self.ids], np.zeros(num_envs, int), np.zeros(num_envs, int)
+        self.reset_now = np.zeros(num_envs, bool)
 
     def observe(self):
-        return np.stack([np.arange(2), self.moves, self.episodes, np.zeros(2)], axis=1).astype(np.float32)
+        return np.stack([self.ids, self.moves, self.episodes, np.zeros(self.num_envs)], axis=1).astype(np.float32)
 
     def reset(self):
         return self.observe(), {}
 
     def step(self, actions):
-        reward, terminated, truncated = np.zeros(2, np.float32), np.zeros(2, bool), np.zeros(2, bool)
-        for i in range(2):
+        n = self.num_envs
+        reward, terminated, truncated = np.zeros(n, np.float32), np.zeros(n, bool), np.zeros(n, bool)
+        for i in range(n):
             if self.reset_now[i]:  # the action is ignored; the new episode's first observation
                 self.moves[i], self.episodes[i] = 0, self.episodes[i] + 1
                 continue
             self.moves[i] += 1
             reward[i] = self.moves[i]
             if self.moves[i] == self.lengths[i]:
-                (terminated if i == 0 else truncated)[i] = True
+                (terminated if self.ids[i] == 0 else truncated)[i] = True
         self.reset_now = terminated | truncated
         return self.observe(), reward, terminated, truncated, {"elapsed_step": self.moves.copy()}
 
@@ -188,12 +190,15 @@ class Recorder:
 
 
 @pytest.mark.parametrize("name", MODULES)
-@pytest.mark.parametrize("thread", [0, 1])
-def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thread, monkeypatch):
-    """Actor thread `thread` of two: what it records, and every episode it ends logged at that episode's global step."""
+@pytest.mark.parametrize("thread,overlap", [(0, False), (1, False), (1, True)])
+def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thread, overlap, monkeypatch):
+    """Actor thread `thread` of two: what it records, and every episode it ends logged at that episode's global step;
+    with --overlap-envs, its two envs in two vector envs of one each."""
     module = MODULES[name]
-    monkeypatch.setitem(sys.modules, "scripted_jax", SimpleNamespace(make_vec_env=ScriptedVecEnv))
-    args = module.Args(env_id="scripted_jax", local_num_envs=2, num_actor_threads=2, num_steps=6)
+    args = module.Args(env_id="scripted_jax", local_num_envs=2, num_actor_threads=2, num_steps=6, overlap_envs=overlap)
+    # the thread's envs, in one vector env or in two of one env each (seeds: the thread's, + 1 for the second)
+    scripted = SimpleNamespace(make_vec_env=lambda num_envs, seed: ScriptedVecEnv(num_envs, seed - args.seed - thread))
+    monkeypatch.setitem(sys.modules, "scripted_jax", scripted)
     args.num_updates, args.world_size = 2, 1
     space = SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32))
     rollout_queue, writer, returns = run_actor(module, args, space, NUM_ACTIONS, thread, jax.random.PRNGKey(0))
@@ -222,6 +227,21 @@ def test_the_actor_records_episode_ends_and_logs_every_episode_exactly(name, thr
     assert list(returns) == [6.0, 10.0, 6.0, 10.0, 6.0]
     last100 = writer.scalars.get("charts/avg_episodic_return_last100", [])
     assert last100 == ([(24, 8.0), (48, pytest.approx(7.6))] if thread == 0 else [])
+
+
+def test_the_two_envpools_of_overlap_envs_are_the_envs_of_one_envpool():
+    """--overlap-envs: each half's EnvPool is seeded so that its envs are those of one EnvPool of all of them (the same
+    first observations, and after the same actions the same ones)."""
+    module = MODULES["qr_impala"]
+    space = SimpleNamespace(shape=(4,), dtype=np.dtype(np.float32))
+    first_obs = []
+    for overlap in (False, True):
+        args = module.Args(env_id="CartPole-v1", local_num_envs=5, num_actor_threads=1, num_steps=3, overlap_envs=overlap)
+        args.num_updates, args.world_size = 2, 1
+        rollout_queue, _, _ = run_actor(module, args, space, 2, 0, jax.random.PRNGKey(0))
+        first_obs.append(np.asarray(rollout_queue.get()[1]["obs"][0])[0])
+    assert first_obs[0].shape == (5, 4) and len(np.unique(first_obs[0][:, 0])) == 5
+    np.testing.assert_array_equal(first_obs[0], first_obs[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ ANY_VALUE = {
     "wandb_entity": "any string or none; used only with --track, by wandb",
     "save_model": "a boolean",
     "anneal_lr": "a boolean",
+    "overlap_envs": "a boolean",
     "network": "a Literal: tyro refuses any other value",
     "optimizer": "a Literal: tyro refuses any other value",
     "scalar_eta": "a boolean",
