@@ -1,5 +1,5 @@
 """How fast one actor thread steps EnvPool with the policy: this working tree's with and without --overlap-envs, and
-another commit's, in one run.
+another commit's (with its default), in one run.
 
 The actor thread of a script (`actor_loop`) runs --updates unrolls with a fixed policy (the initial network's: no
 learner, so the learner's speed does not enter), after one unroll that compiles the policy; beside it, the EnvPool of
@@ -7,7 +7,7 @@ the same envs stepped with random actions and no policy (EnvPool's own rate). Ve
 the median is kept. Per version: env steps/s, and per unroll the `stats/` the thread logs (env_time: waiting for
 EnvPool; inference_time: the policy). Results go to --out (JSON).
 
-    nice -n 10 python benchmark/actor_sps.py --baseline HEAD~1     # qr_impala.py: this tree's, with --overlap-envs, HEAD~1's
+    nice -n 10 python benchmark/actor_sps.py --baseline HEAD~1     # qr_impala.py: this tree's with and without --overlap-envs, HEAD~1's
 """
 
 import importlib.util
@@ -73,7 +73,7 @@ def actor_rate(module, args: Args, overlap: bool) -> dict:
     """Env steps/s of the module's actor thread over args.updates unrolls after a first one, and its mean stats."""
     run = module.Args(
         env_id=args.env_id, local_num_envs=args.local_num_envs, num_actor_threads=1, num_steps=args.num_steps,
-        envpool_threads=args.envpool_threads, **(dict(overlap_envs=True) if overlap else {}),
+        envpool_threads=args.envpool_threads, **(dict(overlap_envs=overlap) if hasattr(module.Args, "overlap_envs") else {}),
     )  # fmt: skip
     run.world_size, run.num_updates = 1, args.updates + 1
     envs = module.make_env(args.env_id, 0, 1, run)
@@ -126,8 +126,8 @@ def main(args: Args):
             f.write(source)
         tree = load_script(os.path.join(ROOT, f"{args.script}.py"), f"{args.script}_tree")
         versions = {
-            "this tree": (tree, False),
-            "this tree, --overlap-envs": (tree, True),
+            "this tree, --no-overlap-envs": (tree, False),
+            "this tree": (tree, True),
             args.baseline: (load_script(path, f"{args.script}_baseline"), False),
         }
         runs = {name: [] for name in versions}
@@ -146,7 +146,7 @@ def main(args: Args):
         medians=medians,
         envpool_random_sps=statistics.median(envpool),
         ratios=dict(
-            overlap_to_tree=medians["this tree, --overlap-envs"]["sps"] / medians["this tree"]["sps"],
+            overlap=medians["this tree"]["sps"] / medians["this tree, --no-overlap-envs"]["sps"],
             tree_to_baseline=medians["this tree"]["sps"] / medians[args.baseline]["sps"],
         ),
         runs=runs,
