@@ -116,7 +116,7 @@ def test_every_deliberate_difference_is_still_one():
         # the comment above a shared definition
         ("qr_impala.py", "# Flags that may differ from the checkpoint's", "# Flags that may change from the checkpoint's", "RESUME_FLAGS"),
         # a shared constant
-        ("mg.py", "        learning_rate=2e-3,\n        rmsprop_eps=1e-5,", "        learning_rate=2e-3,\n        rmsprop_eps=1e-6,", "ENV_DEFAULTS"),
+        ("mg.py", "        learning_rate=4e-3,\n        rmsprop_eps=1e-5,", "        learning_rate=4e-3,\n        rmsprop_eps=1e-6,", "ENV_DEFAULTS"),
         # a banner
         ("drmg.py", "# --- shutdown:", "# --- the shutdown:", "banners"),
     ],
