@@ -143,6 +143,9 @@ class Args:
     """decay of RMSProp"""
     adam_eps: float = 1e-5
     """epsilon of Adam (outside the square root)"""
+    adam_eps_root: float = 1e-12
+    """epsilon of Adam inside the square root: the meta-gradient differentiates through Adam's step, and the root's
+    derivative is infinite at 0 (a parameter whose gradient is 0); 1e-12 keeps it finite, far below --adam-eps"""
 
     # Meta-gradient
     meta_learn: Literal["all", "eta1", "none"] = "all"
@@ -731,7 +734,8 @@ def make_optimizer(args: Args):
     """The agent's optimiser: RMSProp or Adam (`--optimizer`) on the globally clipped gradient."""
     schedule = partial(learning_rate, args) if args.anneal_lr else args.learning_rate
     if args.optimizer == "adam":
-        return optax.chain(clip_by_global_norm(args.max_grad_norm), optax.adam(schedule, eps=args.adam_eps))
+        adam = optax.adam(schedule, eps=args.adam_eps, eps_root=args.adam_eps_root)
+        return optax.chain(clip_by_global_norm(args.max_grad_norm), adam)
     return optax.chain(
         clip_by_global_norm(args.max_grad_norm),
         optax.rmsprop(schedule, decay=args.rmsprop_decay, eps=args.rmsprop_eps),
@@ -1206,6 +1210,10 @@ def check_args(args: Args):
         )
     if not 0 <= args.rmsprop_decay < 1:
         raise SystemExit("--rmsprop-decay must lie in [0, 1)")
+    if not 0 <= args.adam_eps_root < np.inf:
+        raise SystemExit(f"--adam-eps-root {args.adam_eps_root}: must be >= 0 and finite")
+    if args.optimizer == "adam" and args.adam_eps_root == 0 and args.meta_learn != "none":
+        raise SystemExit("--adam-eps-root 0: the meta-gradient differentiates through Adam's square root, infinite at 0")
     if not all(0 < x < np.inf for x in (args.meta_learning_rate, args.meta_grad_clip)):
         raise SystemExit("--meta-learning-rate and --meta-grad-clip must be positive and finite")
     if args.bmg_steps < 0 or not 0 <= args.bmg_value_coef < np.inf:

@@ -139,6 +139,9 @@ class Args:
     """decay of RMSProp"""
     adam_eps: float = 1e-5
     """epsilon of Adam (outside the square root)"""
+    adam_eps_root: float = 1e-12
+    """epsilon of Adam inside the square root: the meta-gradient differentiates through Adam's step, and the root's
+    derivative is infinite at 0 (a parameter whose gradient is 0); 1e-12 keeps it finite, far below --adam-eps"""
 
     # Devices
     actor_device_ids: List[int] = field(default_factory=lambda: [0])
@@ -523,7 +526,8 @@ def make_optimizer(args: Args):
     """The agent's optimiser: RMSProp or Adam (`--optimizer`) on the globally clipped gradient."""
     schedule = partial(learning_rate, args) if args.anneal_lr else args.learning_rate
     if args.optimizer == "adam":
-        return optax.chain(clip_by_global_norm(args.max_grad_norm), optax.adam(schedule, eps=args.adam_eps))
+        adam = optax.adam(schedule, eps=args.adam_eps, eps_root=args.adam_eps_root)
+        return optax.chain(clip_by_global_norm(args.max_grad_norm), adam)
     return optax.chain(
         clip_by_global_norm(args.max_grad_norm),
         optax.rmsprop(schedule, decay=args.rmsprop_decay, eps=args.rmsprop_eps),
@@ -984,6 +988,8 @@ def check_args(args: Args):
         )
     if not 0 <= args.rmsprop_decay < 1:
         raise SystemExit("--rmsprop-decay must lie in [0, 1)")
+    if not 0 <= args.adam_eps_root < np.inf:
+        raise SystemExit(f"--adam-eps-root {args.adam_eps_root}: must be >= 0 and finite")
     if not args.distributed and (args.coordinator_address or args.num_processes is not None or args.process_id is not None):
         raise SystemExit("--coordinator-address, --num-processes and --process-id go with --distributed")
     if (args.num_processes is not None and args.num_processes < 1) or not 0 <= (args.process_id or 0) < (args.num_processes or 2**62):

@@ -184,3 +184,20 @@ def test_smoke_run(tmp_path, ablation):
     assert "meta/gamma/q00" in logged
     assert ("meta/grad_norm" in logged) == (ablation != ["--meta-learn", "none"])
     assert ("meta/gamma/q01" in logged) == (ablation != ["--scalar-eta"])
+
+
+@pytest.mark.parametrize("eps_root,finite", [(None, True), (0.0, False)])
+def test_the_derivative_of_an_adam_step_is_finite_where_a_gradient_is_zero(eps_root, finite):
+    """The meta-gradient differentiates through the agent's optimiser step. Adam's root has an infinite derivative at 0
+    (a parameter whose gradient is 0: DrMG on Breakout-MinAtar stopped at update 1 with non-finite meta-gradients);
+    the default --adam-eps-root keeps it finite, and 0 must not."""
+    flags = dict(optimizer="adam", anneal_lr=False, **({} if eps_root is None else dict(adam_eps_root=eps_root)))
+    tx = drmg.make_optimizer(drmg.Args(**flags))
+    params = {"w": jnp.ones(3)}
+
+    def step_sum(gradient):
+        updates, _ = tx.update({"w": gradient}, tx.init(params), params)
+        return updates["w"].sum()
+
+    derivative = jax.grad(step_sum)(jnp.array([0.5, 0.0, -0.2]))
+    assert bool(jnp.all(jnp.isfinite(derivative))) == finite, derivative
