@@ -167,11 +167,12 @@ DRIVER_BASE = {
 DRIVER_FLAGS = {
     "benchmark/minatar.py": dict(
         total_timesteps="int", jobs="int", bin_steps="int", bootstrap_reps="int", random_moves="int", seeds="ints",
+        seeds_per_run="int",
         agents="list", games="list", flags="text", out_dir="text", runs_dir="text",
     ),
     "benchmark/gpu_check.py": dict(
-        train_seconds="float", curve_seconds="float", random_seconds="float", minatar_seconds="float", update_repeats="int",
-        out_dir="text", env_id="text",
+        atari_seconds="float", overlap_seconds="float", random_seconds="float", minatar_seconds="float",
+        update_repeats="int", minatar_seeds="ints", out_dir="text", env_id="text",
     ),
     "benchmark/plot.py": dict(bin_steps="int", labels="list", tag="text", out="text"),
 }

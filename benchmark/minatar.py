@@ -40,9 +40,23 @@ ablation agent), deterministic for the same results:
     nice -n 10 python benchmark/minatar.py --agents qr drmg mg stacx --games Breakout-MinAtar SpaceInvaders-MinAtar \\
         --total-timesteps 2000000 --out-dir benchmark/results/minatar
     python benchmark/minatar.py --no-run           # the summary of what is there
+
+On a GPU (the command for the rest of a device's time, after benchmark/gpu_check.py), --seeds-per-run N trains the
+consecutive seeds of one (agent, game) in one process, the script's --num-seeds N --seed FIRST (one program trains them
+all at once; each seed still has its own run directory and TensorBoard log), and each seed's result is collected from
+its own run into the same per-seed result file as a run of that seed alone (the command in it is that seed's own; it
+also records seeds_per_run), so that the GPU's cells and the CPU's are one grid: a cell done either way is skipped by
+the other. The runs get JAX_PLATFORMS=cpu unless it is set: set it. One run at a time (each process takes most of the
+GPU's memory), the results where the machine sends them back; then copy {out_dir}/{agent}/*.json into the grid's
+--out-dir (the flags and --total-timesteps must be the grid's):
+    JAX_PLATFORMS=cuda python benchmark/minatar.py --agents qr --seeds 1 2 3 --seeds-per-run 3 --jobs 1 \\
+        --out-dir $OUT/minatar_10m
+A group whose cells another driver is running or has finished does not start; its other cells run after the rest, in
+groups of the consecutive seeds left (run_missing).
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -63,7 +77,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from children import CellLock  # noqa: E402
-from grid import ROOT, binned, episodic_returns, eta_mismatch, initial_eta, latest_log, run_commands  # noqa: E402
+from grid import ROOT, binned, episodic_returns, eta_mismatch, initial_eta, latest_log, run_commands, shown  # noqa: E402
 
 LABELS = {
     "qr": "QR",
@@ -96,6 +110,8 @@ ABLATIONS = ["drmg_eta1", "drmg_scalar", "drmg_nstep3"]
 # (X, Y) of the probability of improvement P(X > Y), in the summary's order: each meta agent over its twin, DrMG over
 # MG and over STACX, DrMG over each ablation.
 IMPROVEMENTS = [*TWINS.items(), ("drmg", "mg"), ("drmg", "stacx"), *(("drmg", a) for a in ABLATIONS)]
+# The most seeds of one run (--seeds-per-run).
+MAX_SEEDS_PER_RUN = 256
 # gymnax's PPO checkpoints after 10M steps (gymnax README): the 1 of the normalised score.
 PPO_10M = {"Asterix-MinAtar": 15.0, "Breakout-MinAtar": 28.0, "Freeway-MinAtar": 58.0, "SpaceInvaders-MinAtar": 131.0}
 
@@ -128,6 +144,9 @@ class Args:
     """bootstrap resamples of rliable's confidence intervals"""
     random_moves: int = 10_000
     """moves of each of 256 envs that measure a random policy's return on a game (once: kept in random.json)"""
+    seeds_per_run: int = 1
+    """the most seeds of one (agent, game) trained in one process (the script's --num-seeds, its seeds consecutive):
+    more than 1 on a GPU, where one program trains them all at once"""
 
 
 def check_args(args: Args):
@@ -147,6 +166,8 @@ def check_args(args: Args):
         raise SystemExit(f"--games: unknown {games}; one of {list(minatar_jax.GAMES)}")
     if min(args.total_timesteps, args.bin_steps, args.jobs, args.bootstrap_reps, args.random_moves) < 1:
         raise SystemExit("--total-timesteps, --bin-steps, --jobs, --bootstrap-reps and --random-moves must be positive")
+    if not 1 <= args.seeds_per_run <= MAX_SEEDS_PER_RUN:
+        raise SystemExit(f"--seeds-per-run {args.seeds_per_run}: must lie in [1, {MAX_SEEDS_PER_RUN}]")
     for name, most in (("total_timesteps", 10**15), ("bin_steps", 10**15), ("bootstrap_reps", 10**6), ("random_moves", 10**6)):
         if getattr(args, name) > most:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {most:,}")
@@ -188,6 +209,15 @@ def check_flags(args: Args):
                         if refusal:
                             cell = f"{agent} on {game}, seed {seed}"
                             raise SystemExit(f"--flags {args.flags!r}: {script}.py refuses {cell}: {refusal}")
+            cells = [(agent, game, seed) for agent in args.agents for game in args.games for seed in args.seeds]
+            for agent, game, seeds in plan(cells, args.seeds_per_run):
+                if len(seeds) > 1:  # --num-seeds, as the runs of the whole grid would have it
+                    command = group_command(args, agent, game, seeds)
+                    script, flags = os.path.basename(command[1])[: -len(".py")], command[2:]
+                    refusal = script_refusal(script, flags)
+                    if refusal:
+                        run = f"{agent} on {game}, seeds {seeds[0]}-{seeds[-1]} in one run"
+                        raise SystemExit(f"--seeds-per-run {args.seeds_per_run}: {script}.py refuses {run}: {refusal}")
         finally:
             os.chdir(here)
 
@@ -294,8 +324,9 @@ def final_return(returns: np.ndarray) -> float:
     return float(np.mean(returns[-max(1, len(returns) // 10) :]))
 
 
-def collect(args: Args, agent: str, game: str, seed: int, work_dir: str, seconds: float) -> dict:
-    """A finished run's result, read from its TensorBoard log, whatever its budget (one bin at least)."""
+def collect(args: Args, agent: str, game: str, seed: int, work_dir: str, seconds: float, seeds_per_run: int = 1) -> dict:
+    """A finished run's result, read from its TensorBoard log, whatever its budget (one bin at least). Its command is
+    the seed's own, whether or not it trained with other seeds in one process (`seeds_per_run` says)."""
     accumulator = latest_log(work_dir)
     if accumulator is None:
         raise RuntimeError(f"no TensorBoard log under {os.path.join(work_dir, 'runs')}")
@@ -318,7 +349,14 @@ def collect(args: Args, agent: str, game: str, seed: int, work_dir: str, seconds
         bin_steps=args.bin_steps,
         curve=[None if np.isnan(v) else round(float(v), 4) for v in binned(steps, returns, args.bin_steps, args.total_timesteps)],
         meta=meta_parameters(work_dir),
-        versions=dict(python=platform.python_version(), jax=jax.__version__, machine=f"{os.cpu_count()} CPUs", commit=commit()),
+        seeds_per_run=seeds_per_run,
+        versions=dict(
+            python=platform.python_version(),
+            jax=jax.__version__,
+            machine=f"{os.cpu_count()} CPUs",
+            jax_platforms=os.environ.get("JAX_PLATFORMS", "cpu"),  # what the runs were given (run_missing)
+            commit=commit(),
+        ),
     )
 
 
@@ -409,16 +447,82 @@ def cell_name(agent: str, game: str, seed: int) -> str:
     return f"{agent} {game} seed {seed}"
 
 
+def plan(cells: list, seeds_per_run: int) -> list:
+    """The runs of `cells` [(agent, game, seed)]: [(agent, game, [seeds])]. One seed per run with --seeds-per-run 1,
+    in the order given; else, for each (agent, game) in the order given, its seeds sorted and cut into runs of
+    consecutive seeds, at most `seeds_per_run` each (1 2 3 5 by 2: 1 2, 3, 5)."""
+    if seeds_per_run == 1:
+        return [(agent, game, [seed]) for agent, game, seed in cells]
+    seeds = {}
+    for agent, game, seed in cells:
+        seeds.setdefault((agent, game), []).append(seed)
+    runs = []
+    for (agent, game), chosen in seeds.items():
+        chosen = sorted(chosen)
+        group = [chosen[0]]
+        for seed in chosen[1:]:
+            if seed == group[-1] + 1 and len(group) < seeds_per_run:
+                group.append(seed)
+            else:
+                runs.append((agent, game, group))
+                group = [seed]
+        runs.append((agent, game, group))
+    return runs
+
+
+def group_command(args: Args, agent: str, game: str, seeds: list) -> list[str]:
+    """The command of a run of consecutive seeds: the first seed's, with --num-seeds (the script gives seed s its own
+    run directory, runs/{env_id}__{exp_name}__{s}__{time}); one seed's own command for one seed."""
+    command = run_command(args, agent, game, seeds[0])
+    if len(seeds) > 1:
+        at = command.index("--seed") if "--seed" in command else len(command)
+        command[at:at] = ["--num-seeds", str(len(seeds))]
+    return command
+
+
+def seed_work_dir(args: Args, agent: str, game: str, seed: int) -> str:
+    return os.path.join(args.runs_dir, agent, f"{game}_seed{seed}")
+
+
+def run_work_dir(args: Args, agent: str, game: str, seeds: list) -> str:
+    """Where a run works: its seed's work directory, or for several seeds {game}_seeds{first}-{last}."""
+    if len(seeds) == 1:
+        return seed_work_dir(args, agent, game, seeds[0])
+    return os.path.join(args.runs_dir, agent, f"{game}_seeds{seeds[0]}-{seeds[-1]}")
+
+
+def run_name(agent: str, game: str, seeds: list) -> tuple:
+    """A run's name, as run_commands prints it: (agent, game, seed), or (agent, game, "seeds first-last")."""
+    return (agent, game, seeds[0]) if len(seeds) == 1 else (agent, game, f"seeds {seeds[0]}-{seeds[-1]}")
+
+
+def move_seed_run(group_dir: str, seed_dir: str, seed: int):
+    """A run of several seeds leaves seed s's run directory in group_dir/runs/*__{s}__{time}: moved to
+    seed_dir/runs/, where one seed's run leaves it, so that it is collected (and kept) as one seed's run is."""
+    os.makedirs(os.path.join(seed_dir, "runs"), exist_ok=True)
+    for run in glob.glob(os.path.join(group_dir, "runs", "*")):
+        if re.search(rf"__{seed}__\d+(-\d+)?$", os.path.basename(run)):
+            os.replace(run, os.path.join(seed_dir, "runs", os.path.basename(run)))
+
+
 def run_missing(args: Args):
     """Run every (agent, game, seed) without results, --jobs at a time; write each one's results when it ends.
 
     A cell runs under a lock ({out_dir}/{agent}/{game}_seed{seed}.lock, and {work_dir}.lock for its work directory):
     a cell another driver is running is skipped, and said so; the kernel releases a dead driver's lock. A damaged
-    result file is named and its cell left alone."""
+    result file is named and its cell left alone.
+
+    With --seeds-per-run N > 1 the cells of one (agent, game) whose seeds are consecutive run in groups of up to N
+    seeds in one process (`plan`, `group_command`), which works in {runs_dir}/{agent}/{game}_seeds{first}-{last}; a
+    group takes the locks of all its cells (and of each seed's work directory, and its own). Once it has ended, each
+    seed's run directory is moved into that seed's work directory and collected from there, into the same result file
+    as a run of that seed alone (its command: the seed's own; `seeds_per_run`: the seeds of its process; its wall
+    time: the group's). A group some of whose cells another driver is running or has finished does not start: its
+    other cells are put back and run after the rest, planned again (in groups of the consecutive seeds left)."""
     results, damaged = read_results(args)
     for line in damaged.values():
         print(line, flush=True)
-    jobs = []
+    cells = []
     for game in args.games:
         for seed in args.seeds:
             for agent in args.agents:
@@ -433,56 +537,92 @@ def run_missing(args: Args):
                     continue
                 if path in damaged:
                     continue
-                work_dir = os.path.join(args.runs_dir, agent, f"{game}_seed{seed}")
-                jobs.append(((agent, game, seed), ["nice", "-n", "10", *run_command(args, agent, game, seed)], work_dir))
-    print(f"{len(jobs)} runs to do, {args.jobs} at a time", flush=True)
-    locks = {}
+                cells.append((agent, game, seed))
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    locks, planned, put_back = {}, {}, []
+
+    def jobs_of(cells: list) -> list:
+        jobs = []
+        for agent, game, seeds in plan(cells, args.seeds_per_run):
+            name = run_name(agent, game, seeds)
+            planned[name] = (agent, game, seeds)
+            command = ["nice", "-n", "10", *group_command(args, agent, game, seeds)]
+            jobs.append((name, command, run_work_dir(args, agent, game, seeds)))
+        return jobs
 
     def on_start(name, work_dir):
-        agent, game, seed = name
-        path = result_path(args, agent, game, seed)
-        cell, place = CellLock(path[: -len(".json")] + ".lock"), CellLock(work_dir.rstrip(os.sep) + ".lock")
-        if not cell.acquire():
-            holder = cell.holder()
-            print(f"skip {cell_name(*name)}: another driver (PID {holder}) is running it (lock {cell.path})", flush=True)
+        agent, game, seeds = planned[name]
+        taken, others = [], []  # (seed, its locks) of the cells this run takes; the seeds of the cells it cannot
+        for seed in seeds:
+            path = result_path(args, agent, game, seed)
+            seed_dir = seed_work_dir(args, agent, game, seed)
+            cell, place = CellLock(path[: -len(".json")] + ".lock"), CellLock(seed_dir.rstrip(os.sep) + ".lock")
+            if not cell.acquire():
+                holder = cell.holder()
+                print(f"skip {cell_name(agent, game, seed)}: another driver (PID {holder}) is running it (lock {cell.path})", flush=True)
+            elif os.path.exists(path):
+                cell.release()
+                print(f"skip {cell_name(agent, game, seed)}: another driver has finished it ({path})", flush=True)
+            elif not place.acquire():
+                cell.release()
+                print(
+                    f"skip {cell_name(agent, game, seed)}: another driver (PID {place.holder()}) works in {seed_dir} "
+                    "(another --out-dir with the same --runs-dir: give each grid its own --runs-dir)",
+                    flush=True,
+                )
+            else:
+                taken.append((seed, [cell, place]))
+                continue
+            others.append(seed)
+        held = [lock for _, cell_locks in taken for lock in cell_locks]
+        if len(seeds) > 1 and not others:  # the group's own work directory
+            place = CellLock(work_dir.rstrip(os.sep) + ".lock")
+            if place.acquire():
+                held.append(place)
+            else:
+                others = seeds
+                taken = []
+                print(f"skip {shown(name)}: another driver (PID {place.holder()}) works in {work_dir}", flush=True)
+        if others:
+            for lock in held:
+                lock.release()
+            if len(seeds) > 1 and taken:
+                put_back.extend((agent, game, seed) for seed, _ in taken)
+                print(f"{shown(name)}: seeds {' '.join(str(seed) for seed, _ in taken)} run later, without the others", flush=True)
             return False
-        if os.path.exists(path):
-            cell.release()
-            print(f"skip {cell_name(*name)}: another driver has finished it ({path})", flush=True)
-            return False
-        if not place.acquire():
-            cell.release()
-            print(
-                f"skip {cell_name(*name)}: another driver (PID {place.holder()}) works in {work_dir} "
-                "(another --out-dir with the same --runs-dir: give each grid its own --runs-dir)",
-                flush=True,
-            )
-            return False
-        locks[name] = (cell, place)
-        shutil.rmtree(work_dir, ignore_errors=True)  # what is there is an ended run's: no live run works in it
+        locks[name] = held
+        for seed in seeds:  # what is there is an ended run's: no live run works in it
+            shutil.rmtree(seed_work_dir(args, agent, game, seed), ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
         return True
 
     def on_done(name, work_dir, returncode, seconds):
         try:
             if returncode == 0:
-                save(name, work_dir, seconds)
+                agent, game, seeds = planned[name]
+                for seed in seeds:
+                    seed_dir = seed_work_dir(args, agent, game, seed)
+                    if len(seeds) > 1:
+                        move_seed_run(work_dir, seed_dir, seed)
+                    save((agent, game, seed), seed_dir, seconds, len(seeds), log_dir=work_dir)
         finally:
             for lock in locks.pop(name, ()):
                 lock.release()
 
-    def save(name, work_dir, seconds):
-        agent, game, seed = name
+    def save(cell, work_dir, seconds, seeds_per_run, log_dir):
+        agent, game, seed = cell
         try:
-            result = collect(args, agent, game, seed, work_dir, seconds)
+            result = collect(args, agent, game, seed, work_dir, seconds, seeds_per_run)
         except Exception as error:  # noqa: BLE001  (the run is kept where the next run of the cell cannot remove it)
             kept = f"{work_dir}.uncollected-{time.strftime('%Y%m%d-%H%M%S')}"
             try:
                 os.replace(work_dir, kept)
             except OSError:
                 kept = work_dir
+            log = "" if log_dir == work_dir else f" (the output of its run of {seeds_per_run} seeds: {log_dir}/stdout.log)"
             print(
-                f"    {cell_name(*name)}: trained, but its result could not be collected ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200] if str(error) else ''}); its log and TensorBoard files are kept in {kept}",
+                f"    {cell_name(*cell)}: trained, but its result could not be collected ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}); its log and TensorBoard files are kept in {kept}{log}",
                 flush=True,
             )
             return
@@ -490,9 +630,15 @@ def run_missing(args: Args):
         write_json(path, result)
         print(f"    {LABELS[agent]} {game} seed {seed}: final return {result['final_return']:.2f}, {result['sps']:.0f} SPS")
 
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    jobs = jobs_of(cells)
+    grouped = f" ({len(cells)} cells, up to {args.seeds_per_run} seeds per run)" if args.seeds_per_run > 1 else ""
+    print(f"{len(jobs)} runs to do, {args.jobs} at a time{grouped}; the runs' JAX_PLATFORMS={env['JAX_PLATFORMS']}", flush=True)
     try:
-        run_commands(jobs, args.jobs, env, on_done, on_start)
+        while jobs:
+            run_commands(jobs, args.jobs, env, on_done, on_start)
+            jobs, put_back[:] = jobs_of(put_back), []
+            if jobs:
+                print(f"{len(jobs)} runs of the seeds put back", flush=True)
     finally:
         for cell_locks in locks.values():
             for lock in cell_locks:

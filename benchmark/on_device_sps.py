@@ -8,6 +8,8 @@ that does nothing (the unroll alone: the policy and the environment); the learne
 Each script runs with its own MinAtar defaults (`ENV_DEFAULTS`) on the first device, --updates-per-call updates per
 call as the script makes --log-frequency updates per call; after one call that compiles, --calls calls are timed and
 the median is kept. With --num-seeds N the N seeds train in one program (vmapped), and the rate is of all of them.
+--out is written again (atomically) after each measurement, so that a run stopped midway (benchmark/gpu_check.py caps
+this part's wall-clock time) keeps what it measured.
 """
 
 import json
@@ -75,8 +77,17 @@ def no_learning(learner_state, rollout, args, axis_name=None):
     return learner_state, dict(loss=loss), dict(non_finite=dict(loss=~jnp.isfinite(loss)))
 
 
+def write_json(path: str, value):
+    """value as JSON at path, atomically: a reader sees the previous file or the whole new one."""
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
+
+
 def main(args: Args):
     results = []
+    device = jax.devices()[0]
+    summary = dict(device=f"{device.platform} {device.device_kind}", cpus=os.cpu_count(), jax=jax.__version__, results=results)
     for name in args.scripts:
         module = MODULES[name]
         script_args = replace(module.default_args(["--env-id", args.env_id]), env_id=args.env_id)
@@ -98,11 +109,8 @@ def main(args: Args):
                 f"the learner step takes {result['learner_share']:.0%} of the time",
                 flush=True,
             )
-    device = jax.devices()[0]
-    summary = dict(device=f"{device.platform} {device.device_kind}", cpus=os.cpu_count(), jax=jax.__version__, results=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1)
+            if args.out:  # after each measurement: what a stopped run measured is kept
+                write_json(args.out, summary)
     return summary
 
 

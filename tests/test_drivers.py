@@ -229,7 +229,7 @@ def test_a_killed_gpu_check_keeps_the_earlier_complete_results_and_leaves_no_pro
     (out / "summary.md").write_text("earlier summary")
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    command = [sys.executable, "-c", GPU_DRIVER, ROOT, str(script), "--out-dir", str(out), "--train-seconds", "600"]
+    command = [sys.executable, "-c", GPU_DRIVER, ROOT, str(script), "--out-dir", str(out), "--atari-seconds", "600"]
     for signum, count in [(signal.SIGKILL, 1), (signal.SIGTERM, 2)]:
         driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         child = int(wait_for_marks(notes, count, driver)[-1].split()[-1])
@@ -242,7 +242,7 @@ def test_a_killed_gpu_check_keeps_the_earlier_complete_results_and_leaves_no_pro
     assert f"this run's partial results: {out}/partial/results.json; the earlier complete results in {out} are kept" in err
     assert not (out / "partial" / "work").exists() and not os.listdir(tmp_path / "tmp") and "Traceback" not in err
     # a run that finishes replaces them, and leaves no partial/
-    finished = subprocess.run([*command[:-1], "0.2", "--curve-seconds", "0", "--minatar-seconds", "0"], capture_output=True, text=True)
+    finished = subprocess.run([*command[:-1], "0.2", "--overlap-seconds", "0", "--minatar-seconds", "0"], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["envpool_sps"] == 123.0 and results["learner"]["drmg"]["0"] == dict(update_seconds=0.5)
@@ -278,10 +278,11 @@ def test_the_drivers_extreme_flags_are_refused_in_one_line_before_anything_is_wr
 
     check = dict(out_dir=str(tmp_path / "check"))
     for kwargs, message in [
-        (dict(train_seconds=-1.0), "--train-seconds -1.0: must be positive"),
-        (dict(train_seconds=0.0), "--train-seconds 0.0: must be positive"),
-        (dict(train_seconds=float("nan")), "--train-seconds nan"),
-        (dict(curve_seconds=-5.0), "--curve-seconds -5.0: must be >= 0"),
+        (dict(atari_seconds=-1.0), "--atari-seconds -1.0: must be positive"),
+        (dict(atari_seconds=0.0), "--atari-seconds 0.0: must be positive"),
+        (dict(atari_seconds=float("nan")), "--atari-seconds nan"),
+        (dict(overlap_seconds=-5.0), "--overlap-seconds -5.0: must be >= 0"),
+        (dict(minatar_seeds=[0]), r"--minatar-seeds 0: each in \[1, 256\], none twice"),
         (dict(minatar_seconds=1e30), "--minatar-seconds 1e\\+30: must be >= 0 and at most 86,400"),
         (dict(random_seconds=0.0), "--random-seconds 0.0: must be positive"),
         (dict(update_repeats=0), r"--update-repeats 0: must lie in \[1, 10000\]"),

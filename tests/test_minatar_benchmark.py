@@ -272,3 +272,84 @@ def test_a_grid_of_the_new_agents_writes_skips_and_summarises_its_runs(tmp_path,
         assert f"| {row} | 1.000 | [1.000, 1.000] |" in summary
     assert "| DrMG over MG | 0.500 |" in summary and "- MG: gamma 0.99" in summary and "- MG({})" not in summary
     assert os.path.exists(tmp_path / "results" / "minatar.png") and not os.path.exists(tmp_path / "results" / "ablations_summary.md")
+
+
+def fake_group_runs(started: list):
+    """run_commands' stand-in that trains nothing: each run, of seeds --seed S .. S + --num-seeds - 1 (1 without it),
+    writes each seed's TensorBoard log where the scripts do, runs/{game}__drmg__{seed}__{time} (return 10 x seed, SPS
+    100 x seed); `started` gets each command."""
+    from tensorboardX import SummaryWriter
+
+    def fake_run_commands(jobs, parallel, env, on_done=None, on_start=None):
+        for name, command, work_dir in jobs:
+            if not on_start(name, work_dir):
+                continue
+            started.append(command)
+            first, game = int(command[command.index("--seed") + 1]), command[command.index("--env-id") + 1]
+            count = int(command[command.index("--num-seeds") + 1]) if "--num-seeds" in command else 1
+            for seed in range(first, first + count):
+                writer = SummaryWriter(os.path.join(work_dir, "runs", f"{game}__drmg__{seed}__1796000000"))
+                for step in (100, 600):
+                    writer.add_scalar("charts/episodic_return", 10.0 * seed, step)
+                writer.add_scalar("charts/SPS", 100.0 * seed, 600)
+                writer.close()
+            on_done(name, work_dir, 0, 2.0)
+
+    return fake_run_commands
+
+
+def test_consecutive_seeds_run_in_one_process_and_each_seeds_result_is_its_own_runs(tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(minatar, "run_commands", fake_group_runs(started))
+    args = tiny_grid(tmp_path, agents=["qr"], seeds=[1, 2, 3], seeds_per_run=2)
+    minatar.write_json(os.path.join(args.out_dir, "random.json"), {"Breakout-MinAtar": dict(mean_return=0.0)})
+    minatar.main(args)
+    group = minatar.run_command(args, "qr", "Breakout-MinAtar", 1)
+    group[group.index("--seed") : group.index("--seed")] = ["--num-seeds", "2"]
+    assert started == [["nice", "-n", "10", *group], ["nice", "-n", "10", *minatar.run_command(args, "qr", "Breakout-MinAtar", 3)]]
+    assert "--num-seeds 2 --seed 1 --total-timesteps 640" in " ".join(started[0]) and "--num-seeds" not in started[1]
+    for seed in (1, 2, 3):
+        result = json.loads(open(minatar.result_path(args, "qr", "Breakout-MinAtar", seed)).read())
+        assert (result["final_return"], result["sps"]) == (10.0 * seed, 100.0 * seed)  # from its own run's log
+        assert result["command"] == minatar.shown_command(minatar.run_command(args, "qr", "Breakout-MinAtar", seed))
+        assert result["seeds_per_run"] == (2 if seed < 3 else 1) and result["wall_seconds"] == 2.0
+        # its run directory in its own work directory, where a run of that seed alone leaves it
+        assert os.listdir(tmp_path / "runs" / "qr" / f"Breakout-MinAtar_seed{seed}" / "runs") == [f"Breakout-MinAtar__drmg__{seed}__1796000000"]
+    assert "| Breakout-MinAtar | 20.00 ± 10.00 (3) |" in (tmp_path / "results" / "summary.md").read_text()
+    # the same grid one seed per run (a CPU's): every cell is done
+    capsys.readouterr()
+    minatar.main(tiny_grid(tmp_path, agents=["qr"], seeds=[1, 2, 3]))
+    assert "0 runs to do" in capsys.readouterr().out and len(started) == 2
+
+
+def test_a_group_with_a_cell_another_driver_holds_runs_its_other_seeds_later(tmp_path, monkeypatch, capsys):
+    from children import CellLock
+
+    started = []
+    monkeypatch.setattr(minatar, "run_commands", fake_group_runs(started))
+    args = tiny_grid(tmp_path, agents=["qr", "drmg"], seeds=[1, 2, 3], seeds_per_run=3)
+    held = CellLock(minatar.result_path(args, "qr", "Breakout-MinAtar", 2)[: -len(".json")] + ".lock")
+    assert held.acquire()  # another driver runs qr's seed 2
+    try:
+        minatar.run_missing(args)
+    finally:
+        held.release()
+    out = capsys.readouterr().out
+    assert "skip qr Breakout-MinAtar seed 2: another driver (PID" in out and "qr Breakout-MinAtar seeds 1-3: seeds 1 3 run later" in out
+    runs = [(os.path.basename(c[4])[: -len(".py")], c[c.index("--seed") + 1], "--num-seeds" in c) for c in started]
+    assert runs == [("drmg", "1", True), ("drmg", "1", False), ("drmg", "3", False)]  # drmg's 3 seeds, then qr's 1 and 3
+    assert [c.count("none") for c in started] == [0, 1, 1]  # QR: drmg.py --meta-learn none
+    done = {(a, s) for a in ("qr", "drmg") for s in (1, 2, 3) if os.path.exists(minatar.result_path(args, a, "Breakout-MinAtar", s))}
+    assert done == {("drmg", 1), ("drmg", 2), ("drmg", 3), ("qr", 1), ("qr", 3)}
+    assert not list((tmp_path / "results").rglob("*.lock")) and not list((tmp_path / "runs").glob("*/*.lock"))
+
+
+def test_the_runs_of_a_grid_are_its_consecutive_seeds_in_groups(tmp_path):
+    cells = [("qr", "g", s) for s in (5, 1, 3, 2)] + [("drmg", "g", 4)]
+    assert minatar.plan(cells, 1) == [("qr", "g", [5]), ("qr", "g", [1]), ("qr", "g", [3]), ("qr", "g", [2]), ("drmg", "g", [4])]
+    assert minatar.plan(cells, 2) == [("qr", "g", [1, 2]), ("qr", "g", [3]), ("qr", "g", [5]), ("drmg", "g", [4])]
+    assert minatar.plan(cells, 3) == [("qr", "g", [1, 2, 3]), ("qr", "g", [5]), ("drmg", "g", [4])]
+    for value in (0, 257):
+        with pytest.raises(SystemExit, match=rf"--seeds-per-run {value}: must lie in \[1, 256\]"):
+            minatar.main(tiny_grid(tmp_path, seeds_per_run=value))
+    assert not os.path.exists(tmp_path / "runs")
