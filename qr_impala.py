@@ -88,7 +88,7 @@ class Args:
     """Atari: up to this many no-op actions at the start of an episode (§5.2)"""
     envpool_threads: int = 0
     """EnvPool worker threads per actor thread (0: EnvPool's default)"""
-    overlap_envs: bool = True
+    overlap_envs: bool = False
     """actor threads: step the envs as two EnvPools of half of them each, the policy acting on one half while the other
     steps (Sebulba's overlap; 1.17x one EnvPool's env steps/s on a 2-core CPU, benchmark/actor_sps.py)"""
     network: Literal["auto", "resnet", "minatar"] = "auto"
@@ -725,7 +725,7 @@ def actor_loop(
     `rollout_queue`, from update and global step `start` until the last update or `stop`; `doing[thread_index]` says
     what it is doing.
 
-    With --overlap-envs (the default) its envs are two EnvPools of half of them each (Podracer's Sebulba): while one half steps, in
+    With --overlap-envs its envs are two EnvPools of half of them each (Podracer's Sebulba): while one half steps, in
     EnvPool's threads, the policy acts on the other, so the environments and the policy's inference overlap. Half h's
     seed is the thread's + h x the first half's size: env i has the seed it would have in one EnvPool of all of them."""
     num_envs = args.local_num_envs

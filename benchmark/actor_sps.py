@@ -126,8 +126,8 @@ def main(args: Args):
             f.write(source)
         tree = load_script(os.path.join(ROOT, f"{args.script}.py"), f"{args.script}_tree")
         versions = {
-            "this tree, --no-overlap-envs": (tree, False),
-            "this tree": (tree, True),
+            "this tree": (tree, False),
+            "this tree, --overlap-envs": (tree, True),
             args.baseline: (load_script(path, f"{args.script}_baseline"), False),
         }
         runs = {name: [] for name in versions}
@@ -146,7 +146,7 @@ def main(args: Args):
         medians=medians,
         envpool_random_sps=statistics.median(envpool),
         ratios=dict(
-            overlap=medians["this tree"]["sps"] / medians["this tree, --no-overlap-envs"]["sps"],
+            overlap=medians["this tree, --overlap-envs"]["sps"] / medians["this tree"]["sps"],
             tree_to_baseline=medians["this tree"]["sps"] / medians[args.baseline]["sps"],
         ),
         runs=runs,

@@ -13,8 +13,8 @@ It measures, one part after the other (the default seconds; "+ ~N s": what else 
                startup memory check, the return of the last 10% of episodes, episodes, steps and minutes; both return
                curves in atari_returns.png (benchmark/plot.py, ~5 s), each labelled with its steps and minutes;
     overlap    qr_impala.py with the other setting of --overlap-envs than its default (the actor steps its envs as two
-               EnvPools of half each, overlapping env steps with inference; on by default, so this run has
-               --no-overlap-envs: one EnvPool) for --overlap-seconds (45, + ~5 s; 0 skips the part): its steady SPS
+               EnvPools of half each, overlapping env steps with inference; off by default, so this run has
+               --overlap-envs) for --overlap-seconds (45, + ~5 s; 0 skips the part): its steady SPS
                beside the atari part's qr_impala.py;
     envpool    EnvPool's random-action rate with the same envs and actor threads for --random-seconds (15, + ~5 s), and
                each training SPS over it;

@@ -29,9 +29,9 @@ def test_the_tiny_gpu_check_measures_every_part(tmp_path):
         assert step["update_seconds"] > 0 and step["xla_total_gib"] > 0 and step["batch"] == "8 x 4"
     labels = results["atari_plot"]["labels"]
     assert [label.split(":")[0] for label in labels] == ["qr_impala.py", "drmg.py"] and all(" steps in " in label for label in labels)
-    # --overlap-envs is the scripts' default: the overlap part runs the other setting
+    # one EnvPool per actor thread is the scripts' default: the overlap part runs the other setting
     overlap = results["overlap"]
-    assert overlap["flag"] == "--no-overlap-envs" and overlap.get("steady_sps", 0) > 0, overlap
+    assert overlap["flag"] == "--overlap-envs" and overlap.get("steady_sps", 0) > 0, overlap
     on_device = results["on_device"]
     assert [(r["script"], r["num_seeds"]) for r in on_device["runs"]] == [(s, n) for s in gpu_check.SCRIPTS for n in (1, 2)]
     for r in on_device["runs"]:
@@ -45,7 +45,7 @@ def test_the_tiny_gpu_check_measures_every_part(tmp_path):
     summary = (out / "summary.md").read_text()
     for line in [
         "| qr_impala.py | 8 x 4 | ",  # the learner table
-        "| --no-overlap-envs | ",
+        "| --overlap-envs | ",
         "| drmg.py | 2 | ",  # the on-device table
         f"Goals (issue): {gpu_check.GOALS['atari']} (here: drmg.py / qr_impala.py = ",
         f"Goal (issue): {gpu_check.GOALS['on_device']} (here: not measured).",
