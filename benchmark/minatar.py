@@ -835,9 +835,12 @@ def plot(args: Args, results: dict):
                 continue
             curves = np.stack(curves)
             centres = (np.arange(curves.shape[1]) + 0.5) * args.bin_steps
-            with np.errstate(invalid="ignore"):
+            with warnings.catch_warnings():  # a bin where no seed's episode ended is NaN: a gap in the curve
+                warnings.simplefilter("ignore", RuntimeWarning)
                 line = ax.plot(centres, np.nanmean(curves, 0), label=f"{LABELS[agent]} ({len(curves)})")[0]
                 ax.fill_between(centres, np.nanmin(curves, 0), np.nanmax(curves, 0), color=line.get_color(), alpha=0.2)
+        if game in PPO_10M:
+            ax.axhline(PPO_10M[game], color="0.4", ls="--", lw=1, label="PPO at 10M (gymnax)")
         ax.set_title(game, fontsize=10)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(f"episodic return ({args.bin_steps:,}-step bins)")

@@ -3,7 +3,9 @@ its own --flags) read back into one table and one plot per game.
 
 For each grid and game: the mean final return over its seeds (the mean of the last 10% of each run's episodes), each
 seed's, the mean return in the bins that end at 2M and 5M steps, and the PPO-normalised score (0: random, 1: gymnax's
-PPO at 10M steps; random.json of the grid). The table goes to {out}.md, the curves (mean over seeds, band min-max) to
+PPO at 10M steps; random.json of the grid) and, for a meta agent, where each meta-parameter started and ended (the
+mean over seeds and over a vector's entries: a setting at which eta barely moves is its fixed-eta twin in all but
+noise). The table goes to {out}.md, the curves (mean over seeds, band min-max) to
 {out}.png.
 
     python benchmark/minatar_sweep.py benchmark/results/minatar_defaults/{rmsprop_lr2e-3,adam_lr5e-4,adam_lr1e-3} \\
@@ -54,16 +56,28 @@ def at_step(result: dict, step: int) -> float:
     return float("nan") if value is None else value
 
 
+def moved(results: list) -> str:
+    """'name initial -> final' of each meta-parameter, means over the runs that logged it ('-' if none did)."""
+    names = sorted({name for r in results for name in r["meta"]})
+    parts = []
+    for name in names:
+        pairs = [(r["meta"][name]["initial"], r["meta"][name]["final"]) for r in results if name in r["meta"]]
+        start, end = np.mean(pairs, 0)
+        parts.append(f"{name} {start:.4g} -> {end:.4g}")
+    return ", ".join(parts) or "-"
+
+
 def table(args: Args, grids: dict) -> str:
     games = sorted({game for runs in grids.values() for game, _ in runs}, key=GAMES.index)
     lines = [
         f"# {LABELS.get(args.agent, args.agent)}: settings side by side",
         "",
         "Final return: the mean of the last 10% of a run's episodes; mean over seeds (each seed's in brackets); the mean",
-        "return in the 50k-step bins ending at 2M and 5M steps; score: (final - random) / (PPO at 10M - random).",
+        "return in the 50k-step bins ending at 2M and 5M steps; score: (final - random) / (PPO at 10M - random); eta:",
+        "each meta-parameter at the start -> at the end (mean over seeds and a vector's entries).",
         "",
-        "| setting (--flags) | game | final | seeds | 2M | 5M | score | steps |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting (--flags) | game | final | seeds | 2M | 5M | score | steps | eta |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for grid, runs in grids.items():
         random = load(os.path.join(grid, "random.json")) if os.path.exists(os.path.join(grid, "random.json")) else {}
@@ -80,7 +94,7 @@ def table(args: Args, grids: dict) -> str:
             steps = f"{results[0]['total_timesteps']:,}"
             lines.append(
                 f"| {os.path.basename(grid)} (`{flags}`) | {game} | {final:.2f} | {seeds} | {two:.2f} | {five:.2f} | "
-                f"{score:.2f} | {steps} |"
+                f"{score:.2f} | {steps} | {moved(results)} |"
             )
     return "\n".join(lines) + "\n"
 

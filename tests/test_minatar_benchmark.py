@@ -353,3 +353,33 @@ def test_the_runs_of_a_grid_are_its_consecutive_seeds_in_groups(tmp_path):
         with pytest.raises(SystemExit, match=rf"--seeds-per-run {value}: must lie in \[1, 256\]"):
             minatar.main(tiny_grid(tmp_path, seeds_per_run=value))
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_the_sweep_table_puts_settings_side_by_side_with_how_far_eta_moved(tmp_path):
+    import minatar_sweep
+
+    grids = []
+    for name, flags, finals, gammas in [("lo", "--meta-learning-rate 1e-3", (10.0, 20.0), (0.995, 0.997)),
+                                        ("hi", "--meta-learning-rate 1e-2", (30.0, 32.0), (0.95, 0.97))]:
+        grid = tmp_path / name
+        for seed, final, gamma in zip((1, 2), finals, gammas):
+            result = dict(
+                agent="drmg", game="Breakout-MinAtar", seed=seed, command="python drmg.py", flags=flags,
+                total_timesteps=10_000_000, final_return=final, sps=1.0, episodes=10, bin_steps=1_000_000,
+                curve=[float(seed * i) for i in range(10)],  # the bin ending at 2M: index 1, at 5M: index 4
+                meta={"gamma": dict(initial=0.99, final=gamma), "lambda": dict(initial=0.99, final=0.98)},
+            )
+            minatar.write_json(str(grid / "drmg" / f"Breakout-MinAtar_seed{seed}.json"), result)
+        minatar.write_json(str(grid / "random.json"), {"Breakout-MinAtar": dict(mean_return=1.0)})
+        grids.append(str(grid))
+    args = minatar_sweep.Args(grids=grids, agent="drmg", out=str(tmp_path / "sweep"))
+    minatar_sweep.main(args)
+    text = (tmp_path / "sweep.md").read_text()
+    # lo: final (10 + 20) / 2 = 15, at 2M (1 + 2) / 2 = 1.5, at 5M (4 + 8) / 2 = 6, score (15 - 1) / (28 - 1) = 0.52
+    assert (
+        "| lo (`--meta-learning-rate 1e-3`) | Breakout-MinAtar | 15.00 | 10.00, 20.00 | 1.50 | 6.00 | 0.52 | 10,000,000 | "
+        "gamma 0.99 -> 0.996, lambda 0.99 -> 0.98 |" in text
+    )
+    assert "| hi (`--meta-learning-rate 1e-2`) | Breakout-MinAtar | 31.00 | 30.00, 32.00 | 1.50 | 6.00 | 1.11 | 10,000,000 | gamma 0.99 -> 0.96," in text
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert minatar_sweep.moved([dict(meta={})]) == "-"  # QR: nothing meta-learnt
