@@ -2,6 +2,7 @@
 them (rliable's IQM and probability of improvement, the sample std, the plots), gives each meta agent a control that
 differs only by --meta-learn none, and refuses a grid whose agents do not start from DrMG's eta."""
 
+import glob
 import json
 import os
 
@@ -382,4 +383,13 @@ def test_the_sweep_table_puts_settings_side_by_side_with_how_far_eta_moved(tmp_p
     )
     assert "| hi (`--meta-learning-rate 1e-2`) | Breakout-MinAtar | 31.00 | 30.00, 32.00 | 1.50 | 6.00 | 1.11 | 10,000,000 | gamma 0.99 -> 0.96," in text
     assert (tmp_path / "sweep.png").stat().st_size > 0
-    assert minatar_sweep.moved([dict(meta={})]) == "-"  # QR: nothing meta-learnt
+    assert minatar_sweep.moved([dict(meta={})]) == "-"
+    # QR (drmg.py --meta-learn none) logs DrMG's eta too, unmoved: the table says '-' for a fixed-eta agent
+    for grid in grids:
+        os.rename(os.path.join(grid, "drmg"), os.path.join(grid, "qr"))
+        for path in glob.glob(os.path.join(grid, "qr", "*.json")):
+            minatar.write_json(path, dict(minatar.load(path), agent="qr"))
+    minatar_sweep.main(minatar_sweep.Args(grids=grids, agent="qr", out=str(tmp_path / "sweep")))
+    assert "| lo (`--meta-learning-rate 1e-3`) | Breakout-MinAtar | 15.00 | 10.00, 20.00 | 1.50 | 6.00 | 0.52 | 10,000,000 | - |" in (
+        tmp_path / "sweep.md"
+    ).read_text()
