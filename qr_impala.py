@@ -185,7 +185,7 @@ ENV_DEFAULTS = {
         optimizer="adam",
         learning_rate=4e-3,
         rmsprop_eps=1e-5,
-        ent_coef=0.05,
+        ent_coef=0.03,
     ),
 }
 
