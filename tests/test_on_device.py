@@ -64,6 +64,7 @@ def on_device_run(module, args, num_updates, num_devices=1, seed=1):
 def plain_loop(module, args, network, start, num_updates, seed=1):
     """The same updates as a plain loop over steps and envs: (the learner state, the episodes {tag: [(step, value)]})."""
     learner = start["learner"]
+    learner_step = jax.jit(lambda learner, rollout: module.learner_step(learner, rollout, args, None)[0])  # eager: minutes
     envs = module.make_env(args.env_id, seed, args.local_num_envs, args)
     obs, _ = envs.reset()
     keys = [np.asarray(k) for k in start["run"].action_keys]
@@ -94,7 +95,7 @@ def plain_loop(module, args, network, start, num_updates, seed=1):
         steps["obs"].append(obs)
         rollout = module.Rollout(**{k: jnp.asarray(np.stack(v)) for k, v in steps.items()})
         rollout = rollout._replace(**{k: getattr(rollout, k).astype(jnp.float32) for k in ("rewards", "terminations", "truncations", "resets")})
-        learner = module.learner_step(learner, rollout._replace(actions=rollout.actions.astype(jnp.int32)), args, None)[0]
+        learner = learner_step(learner, rollout._replace(actions=rollout.actions.astype(jnp.int32)))
     return learner, logged
 
 
@@ -186,36 +187,38 @@ def test_the_same_seeds_twice_give_the_same_fingerprints_in_two_runs_each(tmp_pa
     assert results[0] == results[1] and len(results[0]) == 2 and results[0][0][2] != results[0][1][2], results
 
 
-@pytest.mark.parametrize("drop_environments", [False, True])
-def test_a_run_stopped_and_resumed_ends_as_the_uninterrupted_run(tmp_path, drop_environments):
+def test_a_run_stopped_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
     """Both seeds of a --num-seeds 2 run continue bit for bit from their checkpoints: learner states, the environments'
     states, observations, keys and episode returns. A copy of qr_impala.py that restarts the environments on resume
-    (as for EnvPool) ends elsewhere."""
-    script = os.path.join(ROOT, "qr_impala.py")
-    if drop_environments:
-        source = open(script).read()
-        broken = source.replace("            if keep_envs:\n", "            if False:\n")
-        assert broken != source
-        script = str(tmp_path / "qr_impala.py")  # the same file name: the checkpoints name the script that wrote them
-        open(script, "w").write(broken)
+    (as for EnvPool), resuming a copy of the same checkpoints, ends elsewhere."""
     os.makedirs(tmp_path / "parts")
-    stopped_at, stdout = stopped_run(tmp_path / "parts", script)
+    stopped_at, stdout = stopped_run(tmp_path / "parts", os.path.join(ROOT, "qr_impala.py"))
     assert "the run stops after the current update" in stdout
     total = str((stopped_at + 4) * 32)
-    (path,) = [p for p in stdout.split("continue with --resume ")[1:]]
-    resumed = subprocess.run(
-        [sys.executable, script, "--resume", path.strip(), "--total-timesteps", total],
-        cwd=tmp_path / "parts",
-        env=script_env(PYTHONPATH=ROOT),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {path.strip()} at update {stopped_at}" in resumed.stdout
+    (path,) = [p.strip() for p in stdout.split("continue with --resume ")[1:]]
+    shutil.copytree(tmp_path / "parts", tmp_path / "broken")
+    source = open(os.path.join(ROOT, "qr_impala.py")).read()
+    broken = source.replace("            if keep_envs:\n", "            if False:\n")
+    assert broken != source
+    open(tmp_path / "broken" / "qr_impala.py", "w").write(broken)  # the same file name: the checkpoints name their script
+    resumed = {}
+    for name, script in (("parts", os.path.join(ROOT, "qr_impala.py")), ("broken", str(tmp_path / "broken" / "qr_impala.py"))):
+        checkpoint = path.replace(str(tmp_path / "parts"), str(tmp_path / name))  # the copy's own, were it absolute
+        resumed[name] = subprocess.run(
+            [sys.executable, script, "--resume", checkpoint, "--total-timesteps", total],
+            cwd=tmp_path / name,
+            env=script_env(PYTHONPATH=ROOT),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert resumed[name].returncode == 0, resumed[name].stderr[-3000:]
+        assert f"resumed from {checkpoint} at update {stopped_at}" in resumed[name].stdout
+        shutil.rmtree(tmp_path / name)
     os.makedirs(tmp_path / "whole")
     whole = run_script(tmp_path / "whole", *FLAGS, "--total-timesteps", total)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert len(fingerprints(whole.stdout)) == 2 and fingerprints(whole.stdout)[0][0] == str(stopped_at + 4)
-    assert (fingerprints(resumed.stdout) == fingerprints(whole.stdout)) != drop_environments
-    shutil.rmtree(tmp_path / "parts")
+    assert fingerprints(resumed["parts"].stdout) == fingerprints(whole.stdout)
+    assert fingerprints(resumed["broken"].stdout) != fingerprints(whole.stdout)
+    assert len(fingerprints(resumed["broken"].stdout)) == 2  # it ran to the end, elsewhere
