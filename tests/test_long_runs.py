@@ -191,12 +191,12 @@ def test_saturated_flags_a_sigmoid_at_its_bound_with_a_zero_meta_gradient():
     assert {k: bool(v) for k, v in drmg.saturated(logits, grads).items()} == {"a": True, "b": True, "c": False}
 
 
-def started_until(tmp_path, script, prefix, *flags):
+def started_until(tmp_path, script, prefix, *flags, **extra_env):
     """Start `script` with `flags` in `tmp_path` and return the process once it has printed a line beginning `prefix`."""
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags],
         cwd=tmp_path,
-        env=script_env(PYTHONUNBUFFERED="1"),
+        env=script_env(PYTHONUNBUFFERED="1", **extra_env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -242,7 +242,9 @@ def test_a_second_signal_exits_at_once_and_says_what_is_lost(tmp_path, script):
 def test_a_signal_while_the_learner_step_compiles_exits_at_once_with_nothing_written(tmp_path, script, signum):
     """Before the run directory exists a signal exits at once, saying so (it used to wait, silent, for the compilation
     to end: seconds on CartPole, minutes for Atari on a GPU)."""
-    process = started_until(tmp_path, script, "compiling the learner step", *CARTPOLE, "--total-timesteps", "256")
+    # Without the suite's compilation cache (tests/conftest.py): an executable loaded from it could be ready first.
+    flags = [*CARTPOLE, "--total-timesteps", "256"]
+    process = started_until(tmp_path, script, "compiling the learner step", *flags, JAX_ENABLE_COMPILATION_CACHE="false")
     process.send_signal(signum)
     sent = time.monotonic()
     stdout, stderr = process.communicate(timeout=300)
