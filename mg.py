@@ -205,15 +205,19 @@ ENV_DEFAULTS = {
     ),
 }
 
+# This algorithm's own defaults by family, over ENV_DEFAULTS'.
+ALGO_ENV_DEFAULTS = {}  # the meta-lr sweep kept 1e-3 on MinAtar: docs/results.md
+
 
 def default_args(argv: Sequence[str]) -> Args:
-    """Args() with the defaults of the family of the `--env-id` that `argv` names (ENV_DEFAULTS); the flags of `argv`
-    still win, and `--help` after `--env-id Breakout-MinAtar` shows MinAtar's defaults."""
+    """Args() with the defaults of the family of the `--env-id` that `argv` names (ENV_DEFAULTS, then this algorithm's
+    ALGO_ENV_DEFAULTS); the flags of `argv` still win, and `--help` after `--env-id Breakout-MinAtar` shows them."""
     env_id = Args.env_id
     for i, flag in enumerate(argv):
         if flag.split("=")[0] in ("--env-id", "--env_id"):
             env_id = flag.split("=", 1)[1] if "=" in flag else argv[i + 1] if i + 1 < len(argv) else env_id
-    return replace(Args(), **next((d for suffix, d in ENV_DEFAULTS.items() if env_id.endswith(suffix)), {}))
+    family = [d for defaults in (ENV_DEFAULTS, ALGO_ENV_DEFAULTS) for suffix, d in defaults.items() if env_id.endswith(suffix)]
+    return replace(Args(), **{k: v for d in family for k, v in d.items()})
 
 
 # =====================================================================================================================

@@ -26,6 +26,7 @@ OWN = {
     "policy_inputs": "mg's policy acts conditioned on eta",
     "policy_logits": "mg conditions the network on eta; in stacx the main head acts",
     "meta_scalars": "each algorithm's meta-parameters in TensorBoard (none in qr_impala)",
+    "ALGO_ENV_DEFAULTS": "each algorithm's own defaults by family (DrMG's MinAtar meta learning rate; none in qr_impala)",
 }
 
 
