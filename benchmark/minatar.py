@@ -32,7 +32,9 @@ ablation agent), deterministic for the same results:
     - on the same scores, the probability of improvement P(X > Y) with its 95% stratified bootstrap confidence interval
       (rliable) of each meta agent over its twin, of DrMG over MG and over STACX, and of DrMG over each of its ablations
       (IMPROVEMENTS: the pairs whose two agents are in the grid);
-    - how far each agent's meta-parameters moved (mean over seeds and over a vector's entries).
+    - how far each agent's meta-parameters moved (mean over seeds and over a vector's entries);
+    - the commands, and the results copied from an earlier grid of the same runs, if any: such a file keeps its own
+      command and flags in `adopted_from` (path, flags) and carries this grid's --flags.
 
     nice -n 10 python benchmark/minatar.py         # the table: 6 agents, 4 games, 3 seeds, 10M steps
     nice -n 10 python benchmark/minatar.py --agents drmg drmg_eta1 drmg_scalar drmg_nstep3 --games Breakout-MinAtar
@@ -810,6 +812,12 @@ def summarise(args: Args, quiet: bool = False) -> str:
         lines += ["", "Meta-parameters, first logged → last (mean over runs and over a vector's entries):", "", *moved]
     commands = sorted({r["command"].replace(f"--seed {r['seed']}", "--seed S") for r in results.values()})
     lines += ["", "Commands (S: the seed):", "", "```", *commands, "```", ""]
+    adopted = [(k, r["adopted_from"]) for k, r in sorted(results.items()) if isinstance(r.get("adopted_from"), dict)]
+    if adopted:  # results copied from another grid whose run was this cell's (the same script, code, seed and settings)
+        lines += ["Results copied from an earlier grid of the same runs (`adopted_from` in the file; its command ran):", ""]
+        for (agent, game, seed), source in adopted:
+            lines.append(f"- {LABELS[agent]} on {game}, seed {seed}: {source.get('path')} (--flags '{source.get('flags')}')")
+        lines += [""]
     summary = "\n".join(lines)
     path = os.path.join(args.out_dir, f"{stem(args)}summary.md")
     with open(path + f".{os.getpid()}.tmp", "w") as f:

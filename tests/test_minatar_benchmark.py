@@ -196,6 +196,13 @@ def test_the_per_game_std_is_the_sample_std_over_seeds(tmp_path):
     assert "mean ± sample std (ddof = 1)" in summary
     assert "| Breakout-MinAtar | 2.33 ± 1.53 (3) | 5.00 ± – (1) |" in summary
     assert "P(X > Y)" not in summary  # DrMG lacks seeds: no complete game
+    assert "copied from an earlier grid" not in summary
+    path = minatar.result_path(minatar.Args(out_dir=str(tmp_path / "results")), "qr", "Breakout-MinAtar", 2)
+    result = minatar.load(path) | dict(adopted_from=dict(path="elsewhere/qr/Breakout-MinAtar_seed2.json", flags="--x 1"))
+    minatar.write_json(path, result)
+    summary = minatar.summarise(faked_grid(tmp_path, {}, seeds=[1, 2, 3]))
+    assert "- QR on Breakout-MinAtar, seed 2: elsewhere/qr/Breakout-MinAtar_seed2.json (--flags '--x 1')" in summary
+    assert summary.count("elsewhere/") == 1 and "| Breakout-MinAtar | 2.33 ± 1.53 (3) |" in summary
 
 
 def test_each_meta_agents_control_differs_from_its_command_only_by_meta_learn_none(tmp_path, monkeypatch):
