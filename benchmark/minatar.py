@@ -25,13 +25,13 @@ result cannot be collected keeps its work directory, renamed {work_dir}.uncollec
 {out_dir}/{game}.png, all games in {out_dir}/minatar.png; the same names prefixed "ablations_" for a grid with an
 ablation agent), deterministic for the same results:
     - per game and agent, the final return (mean of the last 10% of episodes): mean and sample std (ddof = 1) over
-      seeds, and their number;
+      seeds, and their number; then each run's, marked where it is below the random policy's (a collapsed seed);
     - across games, the interquartile mean of normalised scores (0: a random policy's return, measured here and kept in
       {out_dir}/random.json; 1: gymnax's PPO reference at 10M steps) with 95% stratified bootstrap confidence intervals
       (rliable, Agarwal et al. 2021), over the games where every agent has all its seeds;
     - on the same scores, the probability of improvement P(X > Y) with its 95% stratified bootstrap confidence interval
       (rliable) of each meta agent over its twin, of DrMG over MG and over STACX, and of DrMG over each of its ablations
-      (IMPROVEMENTS: the pairs whose two agents are in the grid);
+      (IMPROVEMENTS: the pairs whose two agents are in the grid); then the same on each game alone, without interval;
     - how far each agent's meta-parameters moved (mean over seeds and over a vector's entries);
     - the commands, and the results copied from an earlier grid of the same runs, if any: such a file keeps its own
       command and flags in `adopted_from` (path, flags) and carries this grid's --flags.
@@ -762,6 +762,17 @@ def summarise(args: Args, quiet: bool = False) -> str:
             std = f"{np.std(values, ddof=1):.2f}" if len(values) > 1 else "–"
             cells.append(f"{np.mean(values):.2f} ± {std} ({len(values)})" if values else "–")
         lines.append(f"| {game} | " + " | ".join(cells) + f" | {random[game]:.2f} | {PPO_10M[game]:g} |")
+    seeds = []  # each run's final return, so that a collapsed seed is seen, not only a wide std
+    for game in args.games:
+        runs = []
+        for agent in args.agents:
+            values = [(s, results[agent, game, s]["final_return"]) for s in args.seeds if (agent, game, s) in results]
+            if values:
+                shown = [f"{v:.2f}" + (" (below random)" if v < random[game] else "") for _, v in values]
+                runs.append(f"{LABELS[agent]} " + ", ".join(shown) + f" (seeds {', '.join(str(s) for s, _ in values)})")
+        if runs:
+            seeds.append(f"- {game}: " + "; ".join(runs))
+    lines += ["", "Final return of each run:", "", *seeds]
     complete = [g for g in args.games if all((a, g, s) in results for a in args.agents for s in args.seeds)]
     if complete:
         scores = {
@@ -797,6 +808,17 @@ def summarise(args: Args, quiet: bool = False) -> str:
             for x, y in pairs:
                 point, low, high = probability_of_improvement(scores[LABELS[x]], scores[LABELS[y]], args.bootstrap_reps)
                 lines.append(f"| {LABELS[x]} over {LABELS[y]} | {point:.3f} | [{low:.3f}, {high:.3f}] |")
+            lines += [
+                "",
+                f"The same on each game alone: the share of the {len(args.seeds)} x {len(args.seeds)} pairs of seeds where X's",
+                "run ends higher (ties count half); no interval, so few runs a game separate little:",
+                "",
+                "| X over Y | " + " | ".join(complete) + " |",
+                "|---|" + "---|" * len(complete),
+            ]
+            for x, y in pairs:
+                per_game = [improvement(scores[LABELS[x]][:, [j]], scores[LABELS[y]][:, [j]])[0] for j in range(len(complete))]
+                lines.append(f"| {LABELS[x]} over {LABELS[y]} | " + " | ".join(f"{p:.3f}" for p in per_game) + " |")
     moved = []
     for agent in args.agents:
         runs = [r for r in results.values() if r["agent"] == agent and r["meta"]]

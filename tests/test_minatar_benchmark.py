@@ -157,8 +157,8 @@ GAMES = ["Breakout-MinAtar", "SpaceInvaders-MinAtar"]
 
 
 def improvement_rows(summary: str) -> list:
-    """The rows of the summary's probability-of-improvement table."""
-    return [line for line in summary.splitlines() if line.startswith("| ") and " over " in line and "X over Y" not in line]
+    """The rows of the summary's probability-of-improvement table (with intervals; not those of each game alone)."""
+    return [line for line in summary.splitlines() if line.startswith("| ") and " over " in line and " | [" in line]
 
 
 def test_the_summary_has_the_probability_of_improvement_of_the_pairs_in_the_grid_and_no_other(tmp_path):
@@ -176,6 +176,11 @@ def test_the_summary_has_the_probability_of_improvement_of_the_pairs_in_the_grid
     point, low, high = minatar.probability_of_improvement(scores["mg"], scores["mg_fixed"], args.bootstrap_reps)
     assert f"| MG over MG({{}}) | {point:.3f} | [{low:.3f}, {high:.3f}] |" in rows
     assert point == pytest.approx(hand_improvement(scores["mg"], scores["mg_fixed"]))
+    # and on each game alone, the share of better pairs of seeds, without interval
+    assert "| X over Y | Breakout-MinAtar | SpaceInvaders-MinAtar |" in summary
+    per_game = [hand_improvement(scores["mg"][:, [j]], scores["mg_fixed"][:, [j]]) for j in range(2)]
+    assert f"| MG over MG({{}}) | {per_game[0]:.3f} | {per_game[1]:.3f} |" in summary
+    assert np.mean(per_game) == pytest.approx(point)
     # an ablation grid: DrMG over MG and over DrMG(eta1), nothing of the agents it lacks
     returns = {(a, g, s): float(rng.integers(0, 30)) for a in ("drmg", "mg", "drmg_eta1") for g in GAMES for s in (1, 2, 3)}
     summary = minatar.summarise(faked_grid(tmp_path, returns, agents=["drmg", "mg", "drmg_eta1"], games=GAMES, seeds=[1, 2, 3]))
@@ -195,6 +200,12 @@ def test_the_per_game_std_is_the_sample_std_over_seeds(tmp_path):
     assert np.std([1.0, 2.0, 4.0], ddof=1) == pytest.approx(1.5275, abs=1e-4)  # ddof = 0: 1.2472
     assert "mean ± sample std (ddof = 1)" in summary
     assert "| Breakout-MinAtar | 2.33 ± 1.53 (3) | 5.00 ± – (1) |" in summary
+    assert "- Breakout-MinAtar: QR 1.00, 2.00, 4.00 (seeds 1, 2, 3); DrMG 5.00 (seeds 1)\n" in summary
+    returns[("qr", "Breakout-MinAtar", 2)] = -0.5  # below the random policy's 0.0 (faked_grid's random.json)
+    summary = minatar.summarise(faked_grid(tmp_path, returns, seeds=[1, 2, 3]))
+    assert "- Breakout-MinAtar: QR 1.00, -0.50 (below random), 4.00 (seeds 1, 2, 3); DrMG 5.00 (seeds 1)\n" in summary
+    returns[("qr", "Breakout-MinAtar", 2)] = 2.0
+    summary = minatar.summarise(faked_grid(tmp_path, returns, seeds=[1, 2, 3]))
     assert "P(X > Y)" not in summary  # DrMG lacks seeds: no complete game
     assert "copied from an earlier grid" not in summary
     path = minatar.result_path(minatar.Args(out_dir=str(tmp_path / "results")), "qr", "Breakout-MinAtar", 2)
