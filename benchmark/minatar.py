@@ -755,21 +755,18 @@ def summarise(args: Args, quiet: bool = False) -> str:
         "| game | " + " | ".join(LABELS[a] for a in args.agents) + " | random | PPO (10M) |",
         "|---|" + "---|" * (len(args.agents) + 2),
     ]
-    for game in args.games:
-        cells = []
-        for agent in args.agents:
-            values = [results[agent, game, s]["final_return"] for s in args.seeds if (agent, game, s) in results]
-            std = f"{np.std(values, ddof=1):.2f}" if len(values) > 1 else "–"
-            cells.append(f"{np.mean(values):.2f} ± {std} ({len(values)})" if values else "–")
-        lines.append(f"| {game} | " + " | ".join(cells) + f" | {random[game]:.2f} | {PPO_10M[game]:g} |")
     seeds = []  # each run's final return, so that a collapsed seed is seen, not only a wide std
     for game in args.games:
-        runs = []
+        cells, runs = [], []
         for agent in args.agents:
-            values = [(s, results[agent, game, s]["final_return"]) for s in args.seeds if (agent, game, s) in results]
+            done = [s for s in args.seeds if (agent, game, s) in results]
+            values = [results[agent, game, s]["final_return"] for s in done]
+            std = f"{np.std(values, ddof=1):.2f}" if len(values) > 1 else "–"
+            cells.append(f"{np.mean(values):.2f} ± {std} ({len(values)})" if values else "–")
             if values:
-                shown = [f"{v:.2f}" + (" (below random)" if v < random[game] else "") for _, v in values]
-                runs.append(f"{LABELS[agent]} " + ", ".join(shown) + f" (seeds {', '.join(str(s) for s, _ in values)})")
+                shown = [f"{v:.2f}" + (" (below random)" if v < random[game] else "") for v in values]
+                runs.append(f"{LABELS[agent]} " + ", ".join(shown) + f" (seeds {', '.join(map(str, done))})")
+        lines.append(f"| {game} | " + " | ".join(cells) + f" | {random[game]:.2f} | {PPO_10M[game]:g} |")
         if runs:
             seeds.append(f"- {game}: " + "; ".join(runs))
     lines += ["", "Final return of each run:", "", *seeds]
